@@ -1,0 +1,1 @@
+"""Data sources: generic records (JSONL, Parquet, datasets), GSM8K, synthetic arithmetic problems."""

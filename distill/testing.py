@@ -1,0 +1,94 @@
+"""Tiny real models and tokenizers for tests and CI smoke runs.
+
+They are real `transformers` objects (a byte-level BPE tokenizer trained on the fly, a randomly
+initialised Llama), small enough that a test builds, saves and runs one in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+_CORPUS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have? 3 + 4 = 7. The answer is 7.",
+    "A baker makes 12 loaves a day for 5 days, so 12 * 5 = 60 loaves. #### 60",
+    "Sara reads 20 pages each night. After 6 nights she has read 120 pages.",
+    "The store sells pens for $2 each. Ten pens cost $20. What is the total?",
+    "Question: what is 15 minus 8? Let me think step by step. 15 - 8 = 7.",
+    "system user assistant You are a helpful assistant that reasons before answering.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 25 30 40 50 60 70 80 90 100",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE `PreTrainedTokenizerFast` with chat template and reasoning tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(
+    tokenizer,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    pad_vocab_to: int | None = None,
+    tie_word_embeddings: bool = False,
+):
+    """A random Llama for `tokenizer`; `pad_vocab_to` makes the logits wider than the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = max(len(tokenizer), pad_vocab_to or 0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def save_tiny_model(directory: str | Path, *, seed: int = 0, **kwargs) -> Path:
+    """Build a tiny tokenizer + Llama and save both to `directory` (a plain HF model directory)."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, seed=seed, **kwargs)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,1 @@
+"""Student side: build a (quantized, LoRA) student, train it on the teacher cache, export it."""
