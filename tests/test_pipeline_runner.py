@@ -1,0 +1,68 @@
+"""The stage runner: markers skip finished stages, a changed config is refused, failures leave no marker."""
+
+import json
+
+import pytest
+
+from distill.config import RunConfig
+from distill.errors import DistillError
+from distill.pipeline.runner import Stage, run_stages
+
+
+def make_stages(calls, fail_at=None):
+    def work(name):
+        def run(ctx):
+            calls.append(name)
+            if name == fail_at:
+                raise RuntimeError("killed")
+            (ctx.dir / f"{name}.out").write_text(name)
+            return {"file": f"{name}.out"}
+        return run
+
+    return [
+        Stage("one", ("run", "teacher"), work("one")),
+        Stage("two", ("run", "teacher", "cache"), work("two")),
+        Stage("three", ("run", "teacher", "cache", "train"), work("three"), enabled=lambda c: c.bench.enabled),
+    ]
+
+
+def test_second_run_skips_every_stage(tmp_path):
+    cfg = RunConfig()
+    cfg.run.dir = str(tmp_path / "run")
+    calls = []
+    ctx = run_stages(cfg, make_stages(calls), echo=lambda *_: None)
+    assert calls == ["one", "two", "three"]
+    assert not ctx.outputs["two"]["skipped"]
+    ctx = run_stages(cfg, make_stages(calls), echo=lambda *_: None)
+    assert calls == ["one", "two", "three"]
+    assert all(out["skipped"] for out in ctx.outputs.values())
+    assert json.loads((tmp_path / "run" / "stages" / "two.json").read_text())["outputs"] == {"file": "two.out"}
+
+
+def test_interrupted_stage_runs_again_and_finished_ones_do_not(tmp_path):
+    cfg = RunConfig()
+    cfg.run.dir = str(tmp_path / "run")
+    calls = []
+    with pytest.raises(RuntimeError):
+        run_stages(cfg, make_stages(calls, fail_at="two"), echo=lambda *_: None)
+    assert not (tmp_path / "run" / "stages" / "two.json").exists()
+    run_stages(cfg, make_stages(calls), echo=lambda *_: None)
+    assert calls == ["one", "two", "two", "three"]
+
+
+def test_changed_settings_under_a_finished_stage_are_refused(tmp_path):
+    cfg = RunConfig()
+    cfg.run.dir = str(tmp_path / "run")
+    run_stages(cfg, make_stages([]), echo=lambda *_: None)
+    cfg.cache.top_k = 3
+    with pytest.raises(DistillError, match="stage 'two'"):
+        run_stages(cfg, make_stages([]), echo=lambda *_: None)
+
+
+def test_disabled_stage_is_not_run(tmp_path):
+    cfg = RunConfig()
+    cfg.run.dir = str(tmp_path / "run")
+    cfg.bench.enabled = False
+    calls = []
+    run_stages(cfg, make_stages(calls), echo=lambda *_: None)
+    assert calls == ["one", "two"]
