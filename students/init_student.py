@@ -1,0 +1,157 @@
+"""Make a student from the teacher by keeping a subset of its decoder layers (Minitron-style depth pruning).
+
+When no smaller model of the teacher's family exists, a layer subset of the teacher is the cheapest
+student with the *same tokenizer* (so the cache's top-k ids need no mapping), and it starts much closer
+to the teacher than a random model. The result is a plain model directory (safetensors + config +
+the teacher's tokenizer) that any later step loads with `from_pretrained`.
+
+The config is rebuilt, not patched in place: `num_hidden_layers` and every per-layer list
+(`layer_types`, sliding-window lists, ...) are cut to the kept layers, and the model is instantiated
+from the new config so that each attention module gets its new `layer_idx` (the KV-cache slot) by
+construction; the kept layers' weights are then copied in under their new indices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from distill.errors import DistillError
+
+
+def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
+    """Indices of the layers to keep, sorted. SPEC: `every:N`, `first:N`, `last:N`, or `0,2,4-7`."""
+    s = spec.strip().replace(" ", "")
+    if not s:
+        raise DistillError("--keep-layers is empty; use e.g. every:2, first:6, last:6 or 0,2,4-7")
+    try:
+        if s.startswith("every:"):
+            n = int(s.split(":", 1)[1])
+            if n < 1:
+                raise ValueError
+            keep = list(range(0, num_layers, n))
+        elif s.startswith("first:"):
+            n = int(s.split(":", 1)[1])
+            if n < 1 or n > num_layers:
+                raise DistillError(f"--keep-layers {spec}: the teacher has {num_layers} layers; first:N needs 1 <= N <= {num_layers}")
+            keep = list(range(n))
+        elif s.startswith("last:"):
+            n = int(s.split(":", 1)[1])
+            if n < 1 or n > num_layers:
+                raise DistillError(f"--keep-layers {spec}: the teacher has {num_layers} layers; last:N needs 1 <= N <= {num_layers}")
+            keep = list(range(num_layers - n, num_layers))
+        else:
+            keep = []
+            for part in s.split(","):
+                if re.fullmatch(r"\d+", part):
+                    keep.append(int(part))
+                elif re.fullmatch(r"\d+-\d+", part):
+                    a, b = (int(x) for x in part.split("-"))
+                    if b < a:
+                        raise ValueError
+                    keep.extend(range(a, b + 1))
+                else:
+                    raise ValueError
+    except ValueError:
+        raise DistillError(f"cannot parse --keep-layers {spec!r}; use every:N, first:N, last:N or a list like 0,2,4-7") from None
+    bad = [i for i in keep if i < 0 or i >= num_layers]
+    if bad:
+        raise DistillError(f"--keep-layers {spec}: layer {bad[0]} does not exist (the teacher has layers 0..{num_layers - 1})")
+    keep = sorted(set(keep))
+    if not keep:
+        raise DistillError(f"--keep-layers {spec} keeps no layer")
+    return keep
+
+
+def _decoder_layers_prefix(model, num_layers: int) -> str:
+    """State-dict prefix of the decoder-layer ModuleList (e.g. `model.layers`)."""
+    import torch
+
+    candidates = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers and n]
+    if not candidates:
+        raise DistillError(f"cannot find the {num_layers} decoder layers of this model; layer pruning supports standard decoder-only models")
+    # The shortest name is the top-level stack (vision towers etc. live deeper).
+    return min(candidates, key=lambda n: (n.count("."), len(n)))
+
+
+def pruned_config(config, keep: list[int]):
+    """A copy of `config` with `num_hidden_layers` and every per-layer list cut to `keep`."""
+    import copy
+
+    new = copy.deepcopy(config)
+    n = config.num_hidden_layers
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and key not in ("architectures",):
+            setattr(new, key, type(value)(value[i] for i in keep))
+    new.num_hidden_layers = len(keep)
+    # max_window_layers (Qwen2): layers below this index use full attention; remap to the new count.
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        new.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+    return new
+
+
+def init_student(teacher: str | Path, out: str | Path, keep_layers: str, *, trust_remote_code: bool = False, overwrite: bool = False) -> dict:
+    """Write a layer-subset student of `teacher` to `out`. Returns a summary dict."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from students.model import _check_source, _one_line
+
+    teacher = str(teacher)
+    out = Path(out)
+    _check_source(teacher)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DistillError(f"{out} already exists and is not empty; pick a new --out directory")
+    try:
+        config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto", trust_remote_code=trust_remote_code, device_map={"": "cpu"})
+    except Exception as err:  # noqa: BLE001
+        raise DistillError(f"cannot load teacher {teacher}: {_one_line(err)}") from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise DistillError(f"teacher {teacher} is quantized; layer pruning needs a full-precision model directory")
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers = text_config.num_hidden_layers
+    keep = parse_keep_layers(keep_layers, num_layers)
+    prefix = _decoder_layers_prefix(model, num_layers)
+
+    new_config = pruned_config(model.config, keep)
+    if text_config is not model.config:  # multimodal wrapper: prune the text config inside it
+        raise DistillError("layer pruning of multimodal teachers is not supported; pass a text-only causal LM")
+    new_index = {old: new for new, old in enumerate(keep)}
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, tensor in model.state_dict().items():
+        m = pat.match(key)
+        if m is None:
+            state[key] = tensor
+        elif int(m.group(1)) in new_index:
+            state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = tensor
+    dtype = next(model.parameters()).dtype
+    del model
+    student = AutoModelForCausalLM.from_config(new_config, trust_remote_code=trust_remote_code, dtype=dtype)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = bool(getattr(new_config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise DistillError(f"pruned weights do not fit the pruned model (missing {missing[:2]}, unexpected {unexpected[:2]})")
+    student.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    params = sum(p.numel() for p in student.parameters())
+    return {"teacher": teacher, "out": str(out), "kept_layers": keep, "teacher_layers": num_layers,
+            "student_layers": len(keep), "parameters": params}
+
