@@ -142,6 +142,23 @@ def load_base(path: str, *, quant: str = "nf4", device=None, dtype=None, trust_r
     return model
 
 
+def _disable_cpu_inference_packing(model) -> None:
+    """Keep bitsandbytes' NF4 layers in their training layout on the CPU.
+
+    In eval mode without grad, bnb 0.50 repacks a CPU Linear4bit's weight in place into an AVX512
+    inference layout (and fails for rows shorter than one quantization block). A student alternates
+    training and held-out evaluation, so the repacking would make eval and train use different
+    kernels, and the layout change is not something a resumed run would replay. Off for students.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def lora_config(settings: LoraSettings):
     from peft import LoraConfig
 
@@ -172,6 +189,7 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
     tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
     model = load_base(spec.path, quant=spec.quant, device=device, trust_remote_code=spec.trust_remote_code)
     model.config.use_cache = False
+    _disable_cpu_inference_packing(model)
     gc_kwargs = {"use_reentrant": False}
     if spec.quant != "none":
         model = prepare_model_for_kbit_training(

@@ -1,0 +1,584 @@
+"""The student trainer: a quantized LoRA student trained on the teacher cache with the chunked KD loss.
+
+One optimizer step = `grad_accum` micro-batches. The loss of every micro-batch is a SUM over its valid
+tokens divided by the number of valid tokens in the WHOLE step (counted before the first backward), so
+k micro-batches give exactly the gradient of one batch of k (DESIGN.md section 4; torchtune and
+axolotl both shipped this wrong).
+
+Determinism and resume: the data order of epoch e is a permutation drawn from `seed + e` by its own
+generator, and micro-batches are formed from it deterministically, so a data position is just
+(epoch, micro-batch index). Checkpoints store it with the adapters, optimizer, scheduler and RNG
+states (`students/checkpoint.py`), and `--resume` replays the same per-step losses as a run that was
+never interrupted (tested with a real SIGKILL).
+
+The run directory:
+    run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss)
+    metrics.jsonl      one JSON object per step ("train") and per evaluation ("eval")
+    checkpoints/step-XXXXXX/
+    final/             adapters + tokenizer + summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from distill.errors import DistillError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_CHOICES = ("forward-kl", "forward-kl-renorm", "reverse-kl", "jsd")
+# Config fields that may change between a run and its --resume (they do not change the numbers).
+RESUMABLE_CHANGES = ("resume", "eval_every", "save_every", "keep_checkpoints", "progress", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    student: str
+    cache: str
+    out: str
+    # student
+    quant: str = "nf4"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    # loss
+    loss: str = "forward-kl"
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    jsd_beta: float = 0.5
+    loss_chunk_size: int = 512
+    # schedule
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    optimizer: str = "auto"  # auto | adamw | paged-adamw-8bit
+    # data
+    batch_size: int | None = None
+    batch_tokens: int | None = None
+    grad_accum: int = 1
+    max_length: int | None = None
+    eval_fraction: float = 0.05
+    eval_samples: int | None = None
+    eval_batch_size: int = 8
+    eval_every: int = 50
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_every: int = 1
+    progress: bool = True
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _validate(cfg: TrainConfig) -> None:
+    from students.model import QUANT_CHOICES
+
+    if cfg.quant not in QUANT_CHOICES:
+        raise DistillError(f"--quant {cfg.quant!r} is unknown; use one of {', '.join(QUANT_CHOICES)}")
+    if cfg.loss not in LOSS_CHOICES:
+        raise DistillError(f"--loss {cfg.loss!r} is unknown; use one of {', '.join(LOSS_CHOICES)}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise DistillError("give either --steps or --epochs, not both")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise DistillError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise DistillError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.batch_size is not None and cfg.batch_tokens is not None:
+        raise DistillError("give either --batch-size or --batch-tokens, not both")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise DistillError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
+        raise DistillError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}")
+    if cfg.grad_accum < 1:
+        raise DistillError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
+    if cfg.temperature <= 0:
+        raise DistillError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.kd_weight < 0 or cfg.ce_weight < 0 or cfg.kd_weight + cfg.ce_weight == 0:
+        raise DistillError("--kd-weight and --ce-weight must be >= 0 and not both 0")
+    if cfg.lr <= 0:
+        raise DistillError(f"--lr must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise DistillError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_samples is not None and cfg.eval_samples < 0:
+        raise DistillError(f"--eval-samples must be >= 0, got {cfg.eval_samples}")
+    if cfg.optimizer not in ("auto", "adamw", "paged-adamw-8bit"):
+        raise DistillError(f"--optimizer {cfg.optimizer!r} is unknown; use auto, adamw or paged-adamw-8bit")
+    for name in ("eval_every", "save_every", "log_every"):
+        if getattr(cfg, name) < 0:
+            raise DistillError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+# ---- data plan ----------------------------------------------------------------------------------
+
+def make_micro_batches(indices: Sequence[int], lengths: Sequence[int], *, epoch: int, seed: int,
+                       batch_size: int | None, batch_tokens: int | None, shuffle: bool = True) -> list[list[int]]:
+    """Micro-batches (lists of dataset indices) of one epoch, a pure function of (seed, epoch).
+
+    With `batch_tokens`, samples are taken in shuffled order and a micro-batch closes when one more
+    sample would make B * max_len (padded tokens) exceed the budget; a longer sample alone still forms
+    a batch. Without either option, batch size 8.
+    """
+    import torch
+
+    order = list(indices)
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(len(order), generator=g).tolist()
+        order = [order[i] for i in perm]
+    batches: list[list[int]] = []
+    if batch_tokens is None:
+        bs = batch_size or 8
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        L = int(lengths[i])
+        new_max = max(cur_max, L)
+        if cur and new_max * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, new_max = [], L
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class DataPlan:
+    """Endless, resumable stream of micro-batches over the training indices."""
+
+    def __init__(self, indices, lengths, cfg: TrainConfig):
+        self.indices, self.lengths, self.cfg = list(indices), lengths, cfg
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: make_micro_batches(self.indices, self.lengths, epoch=epoch, seed=self.cfg.seed,
+                                                     batch_size=self.cfg.batch_size, batch_tokens=self.cfg.batch_tokens)}
+        return self._cache[epoch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def stream(self, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
+        """Yield (epoch, index, batch) from the given position on, rolling over epochs."""
+        while True:
+            batches = self.epoch_batches(epoch)
+            while index < len(batches):
+                yield epoch, index, batches[index]
+                index += 1
+            epoch, index = epoch + 1, 0
+
+
+# ---- run directory ------------------------------------------------------------------------------
+
+def _identity(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k != "config"} | {
+        "config": {k: v for k, v in d.get("config", {}).items() if k not in RESUMABLE_CHANGES}}
+
+
+def _prepare_run_dir(out: Path, run_record: dict, resume: bool) -> bool:
+    """Create or check the run directory. Returns True when resuming an existing run."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"--out {out} is a file; give a directory for the run")
+    if run_file.is_file():
+        try:
+            existing = json.loads(run_file.read_text())
+        except ValueError:
+            raise DistillError(f"{run_file} is not valid JSON; choose a new --out directory") from None
+        if not resume:
+            raise DistillError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
+        if _identity(existing) != _identity(run_record):
+            diff = sorted(k for k in set(existing.get("config", {})) | set(run_record["config"])
+                          if k not in RESUMABLE_CHANGES and existing.get("config", {}).get(k) != run_record["config"].get(k))
+            what = ", ".join(diff[:4]) or "cache/student fingerprint"
+            raise DistillError(f"{out} holds a run with a different config ({what}); resume it with the same settings or choose a new --out")
+        return True
+    if out.is_dir() and any(out.iterdir()):
+        raise DistillError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run_file, run_record)
+    return False
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the log reads like one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+# ---- cache + student checks ---------------------------------------------------------------------
+
+def open_cache(path: str | Path, tokenizer, *, k: int | None = None):
+    """Open and verify the cache for this student: refuse missing, corrupt, or other-tokenizer caches."""
+    from distill.cache.format import read_manifest, tokenizer_fingerprint
+
+    path = Path(path)
+    if not path.exists():
+        raise DistillError(f"cache {path} does not exist; build it with `distill cache build`")
+    manifest = read_manifest(path)
+    _verify(path)
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != manifest.tokenizer_fingerprint:
+        raise DistillError(
+            f"cache {path} was built with another tokenizer than the student's "
+            f"({manifest.tokenizer_fingerprint[:19]}... vs {fp[:19]}...); use a student that shares the teacher's tokenizer"
+        )
+    from distill.cache.reader import CacheReader
+
+    reader = CacheReader(path, expect_fingerprint=fp, expect_k=k)
+    return reader, manifest
+
+
+def _verify(path: Path) -> None:
+    """Run the cache module's full verification (checksums, shapes) when it is available."""
+    try:
+        from distill.cache.verify import verify_cache  # type: ignore
+    except ImportError:
+        try:
+            from distill.cache.reader import verify_cache  # type: ignore
+        except ImportError:
+            return
+    result = verify_cache(path)
+    # verify_cache raises DistillError on failure; accept a report object with ok/errors as well.
+    ok = getattr(result, "ok", None)
+    if ok is False or (isinstance(result, dict) and result.get("ok") is False):
+        errors = getattr(result, "errors", None) or (result.get("errors") if isinstance(result, dict) else None) or ["verification failed"]
+        raise DistillError(f"cache {path} fails verification: {errors[0]}; rebuild it with `distill cache build`")
+
+
+def sample_lengths(dataset) -> list[int]:
+    """Token length of every sample (needed for token-budget batching)."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return list(lengths)
+    return [int(dataset[i]["input_ids"].shape[0]) for i in range(len(dataset))]
+
+
+# ---- loss glue ----------------------------------------------------------------------------------
+
+def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.0):
+    """The loss module's config for this run; `vocab_size` is the tokenizer length (wider logits -> -inf)."""
+    from distill.losses import KDLossConfig
+
+    return KDLossConfig(kind=cfg.loss, temperature=cfg.temperature, cache_temperature=float(cache_temperature),
+                        beta=cfg.jsd_beta, vocab_size=vocab_size, chunk_size=cfg.loss_chunk_size,
+                        kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
+
+
+def batch_loss_sums(model, batch: dict, loss_cfg):
+    """LossSums of one micro-batch: final hidden states through the chunked head + sparse KD loss."""
+    from distill.losses import distillation_loss_sums
+    from students.head import model_hidden_and_head
+
+    hidden, head = model_hidden_and_head(model, batch)
+    return distillation_loss_sums(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)
+
+
+# ---- optimizer ----------------------------------------------------------------------------------
+
+def make_optimizer(params, cfg: TrainConfig, device):
+    import torch
+
+    kind = cfg.optimizer
+    if kind == "auto":
+        kind = "paged-adamw-8bit" if torch.device(device).type == "cuda" else "adamw"
+    if kind == "paged-adamw-8bit":
+        if torch.device(device).type != "cuda":
+            raise DistillError("--optimizer paged-adamw-8bit needs a CUDA GPU; use adamw on the CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay), kind
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), kind
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None, dataset=None) -> dict:
+    """Train a student on the cache as `cfg` says; return the run summary (also in final/summary.json).
+
+    `on_step_end(step)` is called after each optimizer step (and its checkpoint); tests use it to kill
+    the process mid-run. `dataset` replaces the cache reader (tests with hand-made samples); the cache
+    checks still run unless `cfg.cache` is empty.
+    """
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from distill.losses import combine_loss
+    from students import checkpoint as ckpt_mod
+    from students.evaluate import evaluate_on_cache
+    from students.model import LoraSettings, StudentSpec, count_parameters, load_student, load_tokenizer
+
+    _validate(cfg)
+    out = Path(cfg.out)
+    spec = StudentSpec(path=str(cfg.student), quant=cfg.quant,
+                       lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets),
+                       gradient_checkpointing=cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code)
+
+    # Cheap checks first (tokenizer, cache, run dir), the model load last: a bad input fails in seconds.
+    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    manifest = None
+    if dataset is None:
+        reader, manifest = open_cache(cfg.cache, tokenizer)
+        from distill.cache.reader import CacheDataset
+
+        dataset = CacheDataset(reader)
+        pad_id = int(manifest.pad_id)
+    else:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from distill.cache.reader import collate, split_indices
+
+    n = len(dataset)
+    if n == 0:
+        raise DistillError(f"cache {cfg.cache} holds no samples")
+    train_idx, eval_idx = split_indices(n, cfg.eval_fraction, seed=cfg.seed)
+    if cfg.eval_samples is not None:
+        eval_idx = eval_idx[: cfg.eval_samples]
+    if not train_idx:
+        raise DistillError(f"no training samples left after holding out {len(eval_idx)} of {n}; lower --eval-fraction")
+    lengths = sample_lengths(dataset)
+    plan = DataPlan(train_idx, lengths, cfg)
+    per_epoch = math.ceil(plan.batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * plan.batches_per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+
+    vocab_size = len(tokenizer)
+    run_record = {
+        "config": cfg.to_dict(),
+        "student": spec.to_dict(),
+        "cache": {"path": str(Path(cfg.cache).resolve()) if cfg.cache else None,
+                  "tokenizer_fingerprint": manifest.tokenizer_fingerprint if manifest else None,
+                  "teacher": manifest.teacher if manifest else None,
+                  "k": manifest.k if manifest else None,
+                  "temperature": manifest.temperature if manifest else None,
+                  "num_samples": n,
+                  "manifest_sha256": _manifest_hash(cfg.cache) if manifest else None},
+        "loss": {"name": cfg.loss, "temperature": cfg.temperature, "kd_weight": cfg.kd_weight,
+                 "ce_weight": cfg.ce_weight, "jsd_beta": cfg.jsd_beta, "chunk_size": cfg.loss_chunk_size,
+                 "vocab_size": vocab_size},
+        "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
+                     "train_samples": len(train_idx), "eval_samples": len(eval_idx)},
+    }
+    resuming = _prepare_run_dir(out, run_record, cfg.resume)
+
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    model, tokenizer = load_student(spec, device=accelerator.device)
+    loss_cfg = loss_config(cfg, vocab_size, manifest.temperature if manifest else 1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, opt_kind = make_optimizer(params, cfg, accelerator.device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    metrics_path = out / METRICS_FILE
+    step, epoch, batch_index = 0, 0, 0
+    if resuming:
+        ckpt_mod.clean_partial(out)
+        ckpts = ckpt_mod.list_checkpoints(out)
+        if ckpts:
+            state = ckpt_mod.load_checkpoint(ckpts[-1], model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+            step, epoch, batch_index = int(state["step"]), int(state["epoch"]), int(state["batch_index"])
+        if (out / "final" / "summary.json").is_file() and step >= total_steps:
+            return json.loads((out / "final" / "summary.json").read_text())
+        _truncate_metrics(metrics_path, step)
+    log = MetricsLog(metrics_path)
+
+    def run_eval(at_step: int) -> dict | None:
+        if not eval_idx:
+            return None
+        from distill.cache.reader import CacheDataset
+
+        sub = _Subset(dataset, eval_idx)
+        res = evaluate_on_cache(unwrapped, tokenizer, sub, batch_size=cfg.eval_batch_size, pad_id=pad_id,
+                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size, progress=False)
+        rec = {"kind": "eval", "step": at_step, "eval_kl": res["kl"], "eval_top1_agreement": res["top1_agreement"],
+               "eval_tokens": res["tokens"]}
+        if accelerator.is_main_process:
+            log.write(rec)
+        return rec
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stream = plan.stream(epoch, batch_index)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    last_eval = None
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            e, i, batch_ids = next(stream)
+            micro.append(batch_ids)
+        epoch, batch_index = e, i + 1
+        # Each process takes every world-th micro-batch of the step (one process: all of them).
+        mine = [collate([dataset[j] for j in ids], pad_id) for ids in micro[rank::world]] if len(micro) >= world else \
+            [collate([dataset[j] for j in micro[0]], pad_id)]
+        # The normaliser: valid tokens over ALL micro-batches of the step (all processes), before backward.
+        n_local = sum(int((b["targets"] != -100).sum()) for b in mine)
+        n_valid = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum").item()) if world > 1 else n_local
+        denom = max(n_valid, 1)
+        acc = None
+        for bi, b in enumerate(mine):
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            ctx = accelerator.no_sync(model) if (world > 1 and bi < len(mine) - 1) else _nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    sums = batch_loss_sums(model, b, loss_cfg)
+                # DDP averages gradients over processes; the global normaliser already counts them all.
+                loss = combine_loss(sums, denom, loss_cfg) * world
+                accelerator.backward(loss)
+            acc = sums.detached() if acc is None else acc + sums.detached()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in mine)
+        tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        rec = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+               "valid_tokens": n_valid, "tokens": step_tokens, "tokens_per_s": step_tokens / dt if dt > 0 else None}
+        kd, ce = float(acc.kd) / denom, float(acc.ce) / denom
+        rec.update(kd=kd, ce=ce, loss=cfg.kd_weight * kd + cfg.ce_weight * ce,
+                   kl=float(acc.kl_sum) / denom, top1_agreement=float(acc.top1_agree) / denom)
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        if accelerator.is_main_process and (cfg.log_every and (step % cfg.log_every == 0 or step == total_steps)):
+            log.write(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            model.eval()
+            last_eval = run_eval(step)
+            model.train()
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and accelerator.is_main_process:
+            ckpt_mod.save_checkpoint(out, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                     trainer_state={"epoch": epoch, "batch_index": batch_index, "seed": cfg.seed,
+                                                    "total_steps": total_steps}, keep=cfg.keep_checkpoints)
+        if on_step_end is not None:
+            on_step_end(step)
+    bar.close()
+
+    model.eval()
+    last_eval = run_eval(step) or last_eval
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": step, "total_steps": total_steps, "epoch": epoch, "optimizer": opt_kind,
+        "final_eval_kl": last_eval["eval_kl"] if last_eval else None,
+        "final_top1_agreement": last_eval["eval_top1_agreement"] if last_eval else None,
+        "eval_tokens": last_eval["eval_tokens"] if last_eval else 0,
+        "train_seconds_this_session": elapsed, "tokens_this_session": tokens_seen,
+        "parameters": count_parameters(unwrapped), "run_dir": str(out), "final_dir": str(out / "final"),
+    }
+    if accelerator.is_main_process:
+        _save_final(out, unwrapped, tokenizer, summary)
+    return summary
+
+
+class _Subset:
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _manifest_hash(cache: str | Path) -> str:
+    import hashlib
+
+    from distill.cache.format import MANIFEST_NAME
+
+    return "sha256:" + hashlib.sha256((Path(cache) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def _save_final(out: Path, model, tokenizer, summary: dict) -> None:
+    import shutil
+
+    final = out / "final"
+    tmp = out / f".tmp-final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    _atomic_json(tmp / "summary.json", summary)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
