@@ -86,7 +86,10 @@ class CacheWriter:
         if (self.out / MANIFEST_NAME).is_file():
             old = read_manifest(self.out)
             for name in IDENTITY_FIELDS:
-                if getattr(old, name) != getattr(manifest, name):
+                a, b = getattr(old, name), getattr(manifest, name)
+                if name == "teacher":  # the same weights moved to another path are the same teacher
+                    a, b = ({k: v for k, v in d.items() if k != "name_or_path"} for d in (a, b))
+                if a != b:
                     raise DistillError(
                         f"--out {self.out} holds a cache built with a different {name.replace('_', ' ')}; "
                         "use a new --out directory (or delete the old cache)"
