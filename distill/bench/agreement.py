@@ -1,20 +1,20 @@
 """Agreement of a model with the teacher on a held-out cache: KL, top-1 agreement, calibration (ECE).
 
-One pass over the cache. KL and top-1 agreement use `students.evaluate.topk_tail_kl_and_agreement`,
-so they are the very numbers `evaluate_on_cache` (and the trainer's eval) reports: forward KL over the
-cached top-k plus a tail bucket against the stored log-probs, student at T=1. The same logits give the
-expected calibration error:
+KL and top-1 agreement come from `students.evaluate.evaluate_on_cache`, so they are the very numbers
+the trainer's held-out evaluation reports (forward KL over the cached top-k plus a tail bucket, against
+the stored log-probs). This module adds the expected calibration error in its own pass:
 
     confidence = the model's top-1 probability (temperature 1, as deployed)
     hit        = the model's argmax equals the TEACHER's top-1 token (topk_ids[..., 0])
 
 i.e. "when the student is 80% sure, does it agree with the teacher 80% of the time". The teacher's
 top-1 is used rather than the cached trace's actual next token because the teacher's distribution is
-the target the student was distilled towards (for greedy-generated traces the two coincide).
+the target the student was distilled towards (for greedy-generated traces the two coincide). The
+pass also counts top-1 agreement itself, which tests compare with `evaluate_on_cache`.
 
 Logits are never built for the whole [B, T, V] batch: only the trained positions' final hidden
-states go through the head, a chunk of rows at a time. Columns past the tokenizer length (padded
-embeddings) get -inf before any softmax.
+states go through the head (`students.head.model_hidden_and_head`), a chunk of rows at a time.
+Columns past the tokenizer length (padded embeddings) get -inf before any softmax.
 """
 
 from __future__ import annotations
@@ -27,19 +27,6 @@ from distill.errors import DistillError
 ROW_CHUNK = 512
 
 
-def _hidden_and_head(model, batch):
-    try:
-        from students.head import model_hidden_and_head
-    except ImportError:  # pragma: no cover - the students package ships it
-        model_hidden_and_head = None
-    if model_hidden_and_head is not None:
-        return model_hidden_and_head(model, batch)
-    # Minimal fallback for plain HF causal LMs (no soft-capping models).
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.last_hidden_state, model.get_output_embeddings()
-
-
 def open_cache(path: str, tokenizer):
     """A CacheReader over `path` that refuses a cache made with another tokenizer."""
     from distill.cache.format import tokenizer_fingerprint
@@ -50,12 +37,12 @@ def open_cache(path: str, tokenizer):
 
 def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num_bins: int = 10, pad_id: int = 0,
                      max_samples: int | None = None) -> dict:
-    """One pass over the cache: ECE (see module docstring), top-1 agreement and forward KL."""
+    """One pass over the cache: ECE and top-1 agreement (see module docstring)."""
     import torch
 
     from distill.cache.reader import CacheDataset, collate
 
-    from students.evaluate import topk_tail_kl_and_agreement
+    from students.head import model_hidden_and_head
 
     indices = list(range(len(reader)))[: max_samples or None]
     loader = torch.utils.data.DataLoader(CacheDataset(reader, indices), batch_size=batch_size,
@@ -64,28 +51,25 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
     bins = CalibrationBins(num_bins)
     agree = 0.0
     tokens = 0
-    kl_sum = 0.0
     model.eval()
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden, head = _hidden_and_head(model, batch)
+            hidden, head = model_hidden_and_head(model, batch)
             valid = batch["targets"] != -100
             if not bool(valid.any()):
                 continue
             h = hidden[valid]
             tids = batch["topk_ids"][valid]
-            tlp = batch["topk_logprobs"][valid].float()
             for s in range(0, h.shape[0], ROW_CHUNK):
                 logits = head(h[s : s + ROW_CHUNK]).float()
                 if logits.shape[-1] > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
                 ids = tids[s : s + ROW_CHUNK]
-                kl, hit = topk_tail_kl_and_agreement(logits, ids, tlp[s : s + ROW_CHUNK], vocab_size)
-                conf = torch.softmax(logits, dim=-1).max(dim=-1).values
+                conf, pred = torch.softmax(logits, dim=-1).max(dim=-1)
+                hit = pred == ids[:, 0]
                 bins.update(conf, hit)
                 agree += float(hit.sum())
-                kl_sum += float(kl.double().sum())
                 tokens += int(hit.numel())
     if tokens == 0:
         raise DistillError(f"held-out cache {reader.path} has no trained positions to evaluate")
@@ -94,7 +78,6 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
         "ece_target": "teacher_top1",
         "mean_confidence": bins.mean_confidence(),
         "top1_agreement": agree / tokens,
-        "kl": kl_sum / tokens,
         "tokens": tokens,
     }
 
@@ -104,7 +87,20 @@ def agreement_with_teacher(model, tokenizer, cache_dir: str, *, batch_size: int 
     the cache cannot be used with this model (other tokenizer, incomplete, missing)."""
     reader = open_cache(cache_dir, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = calibration_pass(model, reader, vocab_size=len(tokenizer), batch_size=batch_size, pad_id=pad_id,
-                              max_samples=max_samples)
-    result["samples"] = min(len(reader), max_samples or len(reader))
-    return result
+    cal = calibration_pass(model, reader, vocab_size=len(tokenizer), batch_size=batch_size, pad_id=pad_id,
+                           max_samples=max_samples)
+    from distill.cache.reader import CacheDataset
+    from students.evaluate import evaluate_on_cache
+
+    ev = evaluate_on_cache(model, tokenizer, CacheDataset(reader), batch_size=batch_size, pad_id=pad_id,
+                           max_samples=max_samples)
+    return {
+        "kl": ev["kl"],
+        "top1_agreement": ev["top1_agreement"],
+        "ece": cal["ece"],
+        "ece_target": cal["ece_target"],
+        "mean_confidence": cal["mean_confidence"],
+        "tokens": ev["tokens"],
+        "samples": ev.get("samples"),
+        "cache_temperature": float(reader.manifest.temperature),
+    }
