@@ -40,6 +40,17 @@ class RewardModelScorer:
         p = Path(path)
         if not p.exists() and not (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
             raise DistillError(f"--scorer {path} does not exist; pass a reward model directory or 'self'")
+        cfg_file = p / "config.json"
+        if cfg_file.is_file():
+            import json
+
+            try:
+                archs = json.loads(cfg_file.read_text()).get("architectures") or []
+            except ValueError:
+                archs = []
+            if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+                raise DistillError(f"--scorer {path} is a {archs[0]}, not a reward model (a *ForSequenceClassification "
+                                   "with a trained score head); pass a reward model directory or 'self'")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
