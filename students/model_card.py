@@ -25,7 +25,7 @@ def write_model_card(directory: Path, run: dict, run_dir: Path, export: dict) ->
     if sfile.is_file():
         summary = json.loads(sfile.read_text())
     teacher = cache.get("teacher") or {}
-    teacher_name = teacher.get("path") or teacher.get("name") or teacher.get("id") or json.dumps(teacher)[:120]
+    teacher_name = teacher.get("name_or_path") or teacher.get("path") or teacher.get("name") or teacher.get("id") or json.dumps(teacher)[:120]
     load_line = ("AutoModelForCausalLM.from_pretrained(path)  # loads in NF4 4-bit; needs bitsandbytes"
                  if export["format"] == "bnb-4bit" else f"AutoModelForCausalLM.from_pretrained(path, dtype=torch.{ {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}[export['dtype']] })")
     text = f"""---

@@ -27,3 +27,43 @@ def tiny_student_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tok():
     return tiny_tokenizer()
+
+
+# ---- student trainer fixtures (tests/test_train*.py, test_export.py, test_student_*.py) -------------
+
+def _kd_records(n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    recs = []
+    for _ in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        recs.append({"prompt": f"Question: what is {a} + {b}?", "completion": f" {a} + {b} = {a + b}. The answer is {a + b}."})
+    return recs
+
+
+@pytest.fixture(scope="session")
+def kd_pair(tmp_path_factory):
+    """(teacher_dir, student_dir, cache_dir): a peaked tiny teacher, a random student, top-8 cache of 40 samples.
+
+    hidden_size 64 so that NF4 blocks (64 values) fit a row. The teacher's lm_head is scaled up so its
+    next-token distributions are peaked: a random student then starts far from it in KL.
+    """
+    import torch
+
+    from distill.testing import tiny_llama
+    from teachers.cache_build import build_cache
+
+    root = tmp_path_factory.mktemp("kd_pair")
+    tok = tiny_tokenizer()
+    dirs = []
+    for name, seed, scale in (("teacher", 0, 30.0), ("student", 1, 1.0)):
+        model = tiny_llama(tok, seed=seed, hidden_size=64)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(root / name)
+    cache = root / "cache"
+    build_cache(str(dirs[0]), None, cache, top_k=8, records=_kd_records(40), progress=False, log=lambda m: None)
+    return dirs[0], dirs[1], cache
