@@ -128,7 +128,7 @@ class CacheWriter:
             T_TOPK_IDS: top_ids.to(torch.int64).to(id_t).contiguous(),
             T_TOPK_LOGPROBS: top_lp.clamp_min(LOGPROB_FLOOR).to(val_t).contiguous(),
         }
-        blob = st_save(tensors, metadata={"format": m.format, "rank": str(self.rank), "index": str(index)})
+        blob = st_save(tensors)  # no metadata: its key order is random per process, and bytes must be reproducible
         name = shard_name(self.rank, index)
         atomic_write_bytes(self.out / name, blob)
         info = ShardInfo(
