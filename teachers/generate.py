@@ -130,7 +130,8 @@ def _forward_kwargs(model) -> tuple[str, dict]:
 
 
 def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float,
-                   top_p: float, max_new_tokens: int, eos: set[int], pad_id: int) -> list[Completion]:
+                   top_p: float, max_new_tokens: int, eos: set[int], pad_id: int,
+                   on_step: Callable[[int], None] | None = None) -> list[Completion]:
     """Generate one completion per row (left padded, KV cache, per-row Gumbel-max sampling)."""
     import torch
 
@@ -187,6 +188,8 @@ def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[in
                     finished[r] = True
                 else:
                     generated[r].append(token_list[r])
+            if on_step is not None:
+                on_step(rows - sum(done_list))  # tokens generated in this step
             done = done | is_eos
             if bool(done.all()):
                 break
@@ -243,14 +246,15 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
 
 
 def generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float,
-                  top_p: float, max_new_tokens: int) -> list[Completion]:
+                  top_p: float, max_new_tokens: int,
+                  on_step: Callable[[int], None] | None = None) -> list[Completion]:
     """One completion per (token ids, seed) row; the building block of the batched APIs."""
     pad_id = tokenizer.pad_token_id
     eos = _eos_ids(model, tokenizer)
     if pad_id is None:
         pad_id = min(eos)
     return _generate_rows(model, tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id)
+                          max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, on_step=on_step)
 
 
 def _check_settings(*, num_samples: int, temperature: float, top_p: float, max_new_tokens: int,
@@ -482,15 +486,18 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
 
         bar = tqdm(total=len(rows), initial=len(rows) - pending_rows, desc="generate", unit="trace",
                    file=sys.stderr, dynamic_ncols=True)
+    live = _LiveRate(bar, stats)
     encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in prompts.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(out, "a", encoding="utf-8") as fh:
         for batch in todo:
+            live.start_batch()
             t0 = time.perf_counter()
             comps = generate_rows(model, tokenizer, [encoded[p["id"]] for p, _ in batch],
                                   [_row_seed(seed, prompts[p["id"]], s) for p, s in batch],
-                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                  on_step=live.step if bar is not None else None)
             stats.seconds += time.perf_counter() - t0
             new = 0
             for (p, s), comp in zip(batch, comps):
@@ -518,6 +525,26 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
     stats.prompts = len(problems)
     return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
             "skipped": len(rows) - pending_rows, "stats": stats.as_dict()}
+
+
+class _LiveRate:
+    """Refreshes the progress bar's tok/s about once a second while a long batch runs."""
+
+    def __init__(self, bar, stats: GenerationStats):
+        self.bar, self.stats = bar, stats
+        self.batch_tokens, self.batch_start, self.last = 0, time.perf_counter(), 0.0
+
+    def start_batch(self) -> None:
+        self.batch_tokens, self.batch_start = 0, time.perf_counter()
+
+    def step(self, tokens: int) -> None:
+        self.batch_tokens += tokens
+        now = time.perf_counter()
+        if self.bar is not None and now - self.last > 1.0:
+            self.last = now
+            seconds = self.stats.seconds + now - self.batch_start
+            rate = (self.stats.new_tokens + self.batch_tokens) / seconds if seconds > 0 else 0.0
+            self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=True)
 
 
 def _diff(old: dict, new: dict) -> str:
