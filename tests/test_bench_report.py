@@ -54,7 +54,7 @@ def parse_table(md: str) -> list[dict]:
 def test_markdown_numbers_agree_with_results(tmp_path):
     results = fake_results()
     paths = write_report(results, tmp_path)
-    for key in ("json", "markdown", "accuracy_vs_n", "accuracy_vs_size"):
+    for key in ("results", "markdown", "accuracy_vs_n", "accuracy_vs_size"):
         assert (tmp_path / paths[key].split("/")[-1]).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     rows = parse_table((tmp_path / "results.md").read_text())

@@ -210,7 +210,7 @@ def write_report(results: dict, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": out / "results.json",
+        "results": out / "results.json",
         "markdown": out / "results.md",
         "accuracy_vs_n": out / "accuracy_vs_n.png",
         "accuracy_vs_size": out / "accuracy_vs_size.png",
@@ -220,7 +220,7 @@ def write_report(results: dict, out: str | Path) -> dict:
         fn(results, tmp)
         os.replace(tmp, paths[key])
     atomic_write_bytes(paths["markdown"], markdown_report(results).encode())
-    atomic_write_bytes(paths["json"], (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(paths["results"], (json.dumps(results, indent=2) + "\n").encode())
     return {k: str(v) for k, v in paths.items()}
 
 
