@@ -104,6 +104,8 @@ def test_known_answers_give_known_accuracy(bench_run, tiny_model_dir, tmp_path):
                     select="greedy", max_new_tokens=12, batch_size=4, progress=False)
     assert res["models"][0]["accuracy"]["greedy"]["correct"] == 2
     assert res["settings"]["rules"] == ["greedy"]
+    # the pipeline's demo reads the report through these keys
+    assert res["files"]["results"].endswith("results.json") and res["files"]["markdown"].endswith("results.md")
 
 
 @pytest.mark.parametrize(
