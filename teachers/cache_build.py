@@ -227,7 +227,7 @@ def build_cache(
     bar = tqdm(total=remaining, unit="seq", desc="cache", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     if done:
         say(f"resuming: {len(done)} of {num_shards} shards already in {out}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens_done = 0
     pool = ThreadPoolExecutor(max_workers=1)  # the shard write overlaps the next shard's forward passes
     pending: Future | None = None
@@ -268,8 +268,11 @@ def build_cache(
     finally:
         pool.shutdown(wait=True)
         bar.close()
-    elapsed = time.perf_counter() - t0
-    final = writer.finish({"seconds": round(elapsed, 3), "tokens_per_second": round(tokens_done / max(elapsed, 1e-9), 1)})
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    final = writer.finish({
+        "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
+        "tokens_per_second": round(tokens_done / max(elapsed, 1e-9), 1),
+    })
     say(
         f"cached {n} sequences, {final.num_tokens} tokens ({final.num_rows} trained positions) in {out}: "
         f"{final.total_bytes / max(final.num_tokens, 1):.1f} bytes/token, mean tail mass {final.mean_tail_mass:.4f}"
