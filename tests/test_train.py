@@ -178,3 +178,24 @@ def test_cli_train_errors_exit_1(kd_pair, tmp_path):
     assert proc.returncode == 1
     err_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(err_lines) == 1 and "Traceback" not in proc.stderr
+
+
+def test_padded_vocab_student_trains_with_extra_columns_masked(kd_pair, tmp_path):
+    """Logits wider than the tokenizer (384 vs 320): the loss gets vocab_size=320, losses stay finite."""
+    import math
+
+    from distill.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    wide = tmp_path / "wide"
+    model = tiny_llama(tok, seed=2, hidden_size=64, pad_vocab_to=384)
+    with torch.no_grad():
+        model.lm_head.weight[320:] = 50.0  # huge logits on columns that are no token: must not matter
+    model.save_pretrained(wide)
+    tok.save_pretrained(wide)
+    out = tmp_path / "run"
+    summary = train(_cfg(kd_pair, out, student=str(wide), steps=2))
+    assert json.loads((out / "run.json").read_text())["loss"]["vocab_size"] == 320
+    recs = [m for m in read_metrics(out) if m["kind"] == "train"]
+    assert all(math.isfinite(r["loss"]) and r["kl"] < 20 for r in recs)
+    assert math.isfinite(summary["final_eval_kl"]) and summary["final_eval_kl"] < 20
