@@ -71,17 +71,70 @@ def length_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int
     return batches
 
 
-@torch.no_grad()
-def teacher_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device) -> torch.Tensor:
-    """Right-padded forward of a batch; returns logits [B, T, W] (model dtype, on device)."""
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(max(len(s) for s in seqs), 1)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         att[b, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
-    return out.logits
+    return ids.to(device), att.to(device)
+
+
+@torch.no_grad()
+def teacher_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device) -> torch.Tensor:
+    """Plain right-padded forward of a batch; returns logits [B, T, W] (model dtype, on device)."""
+    ids, att = _pad(seqs, pad_id, device)
+    return model(input_ids=ids, attention_mask=att, use_cache=False).logits
+
+
+class RowScorer:
+    """Teacher logits for selected (sequence, position) rows of a batch, without [B, T, V] logits if possible.
+
+    Fast path: run the decoder body for hidden states and apply the model's own head (lm_head plus its logit
+    scaling / soft-capping, `students.head`) to the trained rows only, a chunk at a time. Prompt positions
+    and padding never reach lm_head, and peak memory is one chunk of rows x vocabulary, not B x T x V.
+    The head is checked against the model's own forward once; a model whose forward does something the
+    head does not reproduce falls back to full logits.
+    """
+
+    def __init__(self, model, probe: Sequence[int], pad_id: int, device):
+        from students.head import verify_head
+
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.fast = True
+        probe = list(probe)[:16] or [pad_id]
+        try:
+            ids, att = _pad([probe], pad_id, device)
+            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
+            verify_head(model, ids, att, atol=tol)
+        except DistillError:
+            self.fast = False
+
+    @torch.no_grad()
+    def topk(self, seqs, positions, vocab: int, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [R, k], log-probs [R, k]) for the rows `positions` (a list of position arrays per sequence)."""
+        b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(self.device)
+        t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions]).to(self.device)
+        if not self.fast:
+            logits = teacher_forward(self.model, seqs, self.pad_id, self.device)
+            rows = logits[b_idx, t_idx]
+            del logits
+            return topk_logprobs(rows, vocab, k, temperature)
+        from students.head import model_hidden_and_head
+
+        ids, att = _pad(seqs, self.pad_id, self.device)
+        hidden, head = model_hidden_and_head(self.model, ids, att)
+        rows = hidden[b_idx, t_idx]
+        del hidden
+        R = rows.shape[0]
+        out_ids = torch.empty((R, k), dtype=torch.int64, device=rows.device)
+        out_lp = torch.empty((R, k), dtype=torch.float32, device=rows.device)
+        chunk = max(16, (1 << 25) // max(vocab, 1))  # ~128 MB of fp32 logits per chunk
+        for a in range(0, R, chunk):
+            i, v = topk_logprobs(head(rows[a:a + chunk]), vocab, k, temperature, chunk=chunk)
+            out_ids[a:a + chunk], out_lp[a:a + chunk] = i, v
+        return out_ids, out_lp
 
 
 def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
@@ -216,6 +269,8 @@ def build_cache(
     if no_trained:
         say(f"warning: {no_trained} sequences have no trained tokens (empty completion or cut by --max-length)")
 
+    scorer = RowScorer(model, samples[0][0], manifest.pad_id, dev)
+    manifest.build["scoring"] = "hidden+head on trained rows" if scorer.fast else "full logits"
     done = writer.done_indices()
     num_shards = (n + shard_size - 1) // shard_size
     todo = [j for j in range(num_shards) if j not in done]
@@ -238,14 +293,12 @@ def build_cache(
             results: list[CachedSample | None] = [None] * len(window)
             for batch in length_batches([len(s[0]) for s in window], batch_size=batch_size, batch_tokens=batch_tokens):
                 seqs = [window[i][0] for i in batch]
-                logits = teacher_forward(model, seqs, manifest.pad_id, dev)
                 pos = [trained_positions(np.asarray(window[i][1])) for i in batch]
-                b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(pos)])
-                t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in pos])
-                rows = logits[b_idx.to(dev), t_idx.to(dev)]
-                del logits
-                ids, lps = topk_logprobs(rows, vocab, top_k, temperature)
-                ids, lps = ids.cpu(), lps.cpu()
+                if sum(len(p) for p in pos):
+                    ids, lps = scorer.topk(seqs, pos, vocab, top_k, temperature)
+                    ids, lps = ids.cpu(), lps.cpu()
+                else:  # nothing to score in this batch (all prompts, or cut by --max-length)
+                    ids, lps = torch.zeros((0, top_k), dtype=torch.int64), torch.zeros((0, top_k))
                 a = 0
                 for b, i in enumerate(batch):
                     r = len(pos[b])

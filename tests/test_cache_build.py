@@ -194,3 +194,23 @@ def test_length_batches_limits():
     for b in batches:
         assert len(b) <= 2 and len(b) * max(lengths[i] for i in b) <= 100 or len(b) == 1
     assert batches[0] == [1, 3]
+
+
+def test_row_scorer_fast_path_equals_full_logits(tiny_model_dir, padded_teacher_dir):
+    """Scoring trained rows through hidden states + the model head equals slicing the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from teachers.cache_build import RowScorer
+
+    tok = tiny_tokenizer()
+    seqs = [tokenize_record(tok, r, 64)[0] for r in RECORDS[:3]]
+    positions = [list(range(2, len(s) - 1)) for s in seqs]
+    for d in (tiny_model_dir, padded_teacher_dir):
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        scorer = RowScorer(model, seqs[0], tok.pad_token_id, "cpu")
+        assert scorer.fast
+        fast_ids, fast_lp = scorer.topk(seqs, positions, len(tok), 6, 2.0)
+        scorer.fast = False
+        full_ids, full_lp = scorer.topk(seqs, positions, len(tok), 6, 2.0)
+        assert torch.allclose(fast_lp, full_lp, atol=1e-5)
+        assert (fast_ids == full_ids).float().mean() > 0.99
