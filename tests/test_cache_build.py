@@ -214,3 +214,19 @@ def test_row_scorer_fast_path_equals_full_logits(tiny_model_dir, padded_teacher_
         full_ids, full_lp = scorer.topk(seqs, positions, len(tok), 6, 2.0)
         assert torch.allclose(fast_lp, full_lp, atol=1e-5)
         assert (fast_ids == full_ids).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_teacher_builds(tmp_path, quant):
+    """4/8-bit teacher loading (bitsandbytes, CPU here) builds a sound cache and records the quantization."""
+    from distill.testing import save_tiny_model
+
+    tiny_model_dir = save_tiny_model(tmp_path / "t64", hidden_size=64)  # bnb's CPU NF4 kernel needs >= 64
+    data = _write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])
+    man = build_cache(str(tiny_model_dir), data, tmp_path / "c", top_k=4, quant=quant, progress=False, log=lambda m: None)
+    assert man.teacher["quant"] == quant and man.complete
+    verify_cache(tmp_path / "c")
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError, match="different teacher"):
+        build_cache(str(tiny_model_dir), data, tmp_path / "c", top_k=4, progress=False, log=lambda m: None)
