@@ -206,8 +206,11 @@ def build_cache(
         if data is None:
             raise DistillError("give --data (a file, a saved datasets directory or a hub data set id)")
         records = load_records(data, fields=fields, split=split, config=data_config, limit=limit, as_chat=as_chat)
-    elif limit is not None:
-        records = list(records)[:limit]
+    else:  # rows from memory: same field mapping and checks as rows from a file
+        from distill.data.records import normalise_record
+
+        rows = list(records)[:limit] if limit is not None else list(records)
+        records = [normalise_record(r, fields, as_chat=as_chat) for r in rows]
     if not records:
         raise DistillError("no records to cache")
 
