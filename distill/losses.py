@@ -358,8 +358,10 @@ def distillation_loss_sums(
     if torch.isnan(lp).any() or (lp > 1e-3).any():
         raise DistillError("cached teacher log-probs contain NaN or positive values; the cache is corrupt: rebuild it")
 
-    with torch.no_grad():
-        width = head(h[:1]).shape[-1]
+    width = getattr(head, "width", None)
+    if not isinstance(width, int):
+        with torch.no_grad():
+            width = head(h[:1]).shape[-1]
     if limit is not None and limit > width:
         raise DistillError(f"vocab_size {limit} is larger than the student's logits width {width}")
     if int(ids.max()) >= width or int(tgt.max()) >= width:
@@ -374,7 +376,12 @@ def distillation_loss_sums(
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
         stats: list = []
-        if use_ckpt:
+        # The last chunk is not checkpointed: autograd runs the most recently created nodes first,
+        # so its saved logits are used and freed at the very start of the backward pass, before any
+        # other chunk is recomputed; peak memory stays one chunk and a single-chunk batch (short
+        # sequences, V <= 64k) pays no recomputation at all.
+        last = start + rows >= n
+        if use_ckpt and not last:
             # Stats are computed once, in the first (forward) call; the recomputation in the
             # backward pass only rebuilds what autograd saved.
             calls = {"n": 0}
