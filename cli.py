@@ -11,10 +11,16 @@ Every user mistake raises `DistillError`; `main` prints it as one line and exits
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes' CPU backend tries to fetch an optional kernel from the hub on import and warns when
+# it cannot; with no network that warning is noise on every command (the built-in kernel is used).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 import typer
 

@@ -54,7 +54,7 @@ class GenerateSection:
 
 @dataclass
 class FilterSection:
-    keep: str = "all-correct"  # all-correct | best | first-correct
+    keep: str = "all-correct"  # all-correct | best | first-correct | all (no filtering)
     require_format: bool = False  # also require well-formed <think>...</think>
 
 
@@ -135,7 +135,7 @@ class RunConfig:
 # Values a key may take, checked at load time so that a typo fails before any work starts.
 CHOICES = {
     "teacher.quant": {"none", "nf4", "int8"},
-    "filter.keep": {"all-correct", "best", "first-correct"},
+    "filter.keep": {"all-correct", "best", "first-correct", "all"},
     "cache.dtype": {"fp16", "bf16"},
     "student.quant": {"nf4", "int8", "none"},
     "train.loss": {"forward-kl", "forward-kl-renorm", "reverse-kl", "jsd"},

@@ -1,9 +1,98 @@
-"""CLI commands of this stage, registered on the `distill` app by `cli.py`."""
+"""`distill run CONFIG.toml` (every stage from one config) and `distill demo` (the embedded default)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from distill.config import RunConfig, load_config
+from distill.errors import DistillError
+
+DEMO_CONFIG = Path(__file__).with_name("demo.toml")
+
+
+def demo_config(out: str, *, gsm8k: str | None = None, quick: bool = False) -> RunConfig:
+    """The embedded default: SmolLM2-135M-Instruct teaches a half-depth NF4 + LoRA copy of itself.
+
+    `quick` shrinks every stage (for CI and smoke tests); the stages and code paths stay the same.
+    """
+    config = load_config(DEMO_CONFIG)
+    config.run.dir = str(Path(out).resolve())
+    if gsm8k:
+        config.data.source, config.data.path = "gsm8k", str(Path(gsm8k).resolve())
+    if quick:
+        config.data.limit, config.data.eval_limit = 4, 4
+        config.generate.samples, config.generate.max_new_tokens = 2, 48
+        config.filter.keep = "all"
+        config.cache.max_length = 256
+        config.train.steps, config.train.eval_every, config.train.warmup_steps = 4, 2, 1
+        config.train.batch_size = 4
+        config.bench.limit, config.bench.samples, config.bench.max_new_tokens = 3, 2, 32
+    return config
+
+
+def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
+    """Run every stage of `config`; print and return the per-stage summary."""
+    from distill.pipeline.runner import run_stages
+    from distill.pipeline.stages import STAGES
+
+    ctx = run_stages(config, STAGES, echo=echo)
+    summary = {"run_dir": str(ctx.dir), "stages": ctx.outputs}
+    (ctx.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    echo("")
+    echo(stage_table(ctx.outputs))
+    bench = ctx.outputs.get("bench")
+    if bench:
+        from distill.bench.report import terminal_summary
+
+        results = json.loads(Path(bench["files"]["results"]).read_text())
+        echo("")
+        echo(terminal_summary(results, bench["files"]))
+    return summary
+
+
+def stage_table(outputs: dict[str, dict]) -> str:
+    """A Markdown table of each stage's wall time, with the filter's yield."""
+    lines = ["| stage | wall time | note |", "|---|---:|---|"]
+    for name, out in outputs.items():
+        note = "reused" if out.get("skipped") else ""
+        if name == "filter" and "yield" in out:
+            y = out["yield"]
+            note = (note + " " if note else "") + (
+                f"kept {y['kept']}/{y['traces']} traces, teacher accuracy {y['accuracy']:.0%}, "
+                f"{y['prompts_kept']}/{y['prompts']} problems")
+        if name in ("cache", "heldout") and "sequences" in out:
+            note = (note + " " if note else "") + f"{out['sequences']} sequences"
+        lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the top-level app."""
+    @app.command("run")
+    def run_command(
+        config: Path = typer.Argument(..., help="A TOML run config (see examples/ and docs/pipeline.md)."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Override [run] dir."),
+    ) -> None:
+        """Run every stage of CONFIG: teacher, generate, filter, cache, student, train, export, bench.
+
+        Finished stages are skipped, interrupted ones resume: rerun the same command after a crash.
+        """
+        cfg = load_config(config)
+        if run_dir:
+            cfg.run.dir = str(Path(run_dir).resolve())
+        run_pipeline(cfg)
+
+    @app.command("demo")
+    def demo_command(
+        out: str = typer.Option("demo-run", "--out", help="Run folder (rerun to resume or reuse)."),
+        gsm8k: Optional[str] = typer.Option(None, "--gsm8k", help="A local GSM8K folder (train.jsonl, test.jsonl) instead of synthetic problems."),
+        quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke test of every stage in about a minute."),
+    ) -> None:
+        """The embedded default, no network: SmolLM2-135M-Instruct (packaged GGUF) teaches a
+        half-depth NF4 + LoRA student on synthetic arithmetic problems, then student vs teacher."""
+        if gsm8k and not Path(gsm8k).is_dir():
+            raise DistillError(f"--gsm8k {gsm8k} is not a folder with train.jsonl and test.jsonl")
+        run_pipeline(demo_config(out, gsm8k=gsm8k, quick=quick))
