@@ -76,3 +76,18 @@ def smollm2_dir(tmp_path_factory):
     from teachers.gguf_import import import_gguf, smollm2_gguf_path
 
     return import_gguf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "model")
+
+
+# Tiny models gain nothing from intra-op threads, and on a shared, loaded machine OpenMP threads that
+# spin-wait for each other make a 64x64 matmul ~300x slower (measured: 47 ms vs 0.13 ms). One thread
+# per test process (subprocesses inherit OMP_NUM_THREADS); override with DISTILL_TEST_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("DISTILL_TEST_THREADS", "1"))
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DISTILL_TEST_THREADS", "1")))
+
+
+_one_thread()
