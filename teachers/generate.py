@@ -305,8 +305,13 @@ def _load_gguf(path: Path, *, trust_remote_code: bool, device: str | None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
+            import torch
+
+            # de-quantized weights in fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU
+            on_gpu = (device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.bfloat16 if on_gpu else torch.float32,
                                                          trust_remote_code=trust_remote_code)
         except Exception as err:
             first = (str(err).splitlines() or [type(err).__name__])[0][:200]
@@ -336,7 +341,7 @@ def load_problems(data: str, *, fields: dict[str, str] | None = None, limit: int
 
     `data` is a JSONL file (GSM8K-style `question`/`answer`, or other names mapped by `fields`, e.g.
     {"question": "problem", "answer": "solution"}), a directory holding `{split}.jsonl`,
-    `synthetic:N[:SEED]` for generated arithmetic problems, or `gsm8k[:SPLIT]` for the hub copy.
+    `synthetic:N[:SEED[:MIN-MAX]]` for generated arithmetic problems (MIN-MAX steps, default 2-4), or `gsm8k[:SPLIT]` for the hub copy.
     """
     from distill.data import gsm8k, synthetic
 
@@ -347,9 +352,13 @@ def load_problems(data: str, *, fields: dict[str, str] | None = None, limit: int
         try:
             n = int(parts[1])
             seed = int(parts[2]) if len(parts) > 2 else 0
+            steps = parts[3].split("-") if len(parts) > 3 else ["2", "4"]
+            lo, hi = int(steps[0]), int(steps[-1])
+            if len(parts) > 4 or len(steps) > 2:
+                raise ValueError
         except (ValueError, IndexError):
-            raise DistillError(f"bad data spec {data!r}: use synthetic:N or synthetic:N:SEED") from None
-        problems = synthetic.synthetic_problems(n, seed=seed)
+            raise DistillError(f"bad data spec {data!r}: use synthetic:N[:SEED[:MIN-MAX steps]]") from None
+        problems = synthetic.synthetic_problems(n, seed=seed, min_steps=lo, max_steps=hi)
         return problems[:limit] if limit else problems
     if data == "gsm8k" or data.startswith("gsm8k:"):
         return gsm8k.load_gsm8k(split=data.split(":", 1)[1] if ":" in data else split, limit=limit)

@@ -23,7 +23,7 @@ def _parse_fields(items: list[str] | None) -> dict[str, str]:
 def generate(
     teacher: str = typer.Option(..., "--teacher", help="Teacher: model directory, hub id, or a .gguf file."),
     data: str = typer.Option(..., "--data", help="Problems: JSONL file (question/answer), a directory with "
-                             "{split}.jsonl, synthetic:N[:SEED], or gsm8k[:SPLIT] (hub)."),
+                             "{split}.jsonl, synthetic:N[:SEED[:MIN-MAX steps]], or gsm8k[:SPLIT] (hub)."),
     out: str = typer.Option(..., "--out", help="Traces JSONL; appended to and resumed if it exists."),
     samples: int = typer.Option(1, "--samples", "-n", help="Traces per problem."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 = greedy."),

@@ -81,6 +81,11 @@ def test_write_jsonl_round_trip_and_load_problems(tmp_path):
     assert load_problems(str(path)) == problems
     assert load_problems("synthetic:4:2") == problems
     assert load_problems("synthetic:4:2", limit=2) == problems[:2]
+    assert load_problems("synthetic:3:2:1") == synthetic_problems(3, seed=2, min_steps=1, max_steps=1)
+    assert load_problems("synthetic:3:0:1-2") == synthetic_problems(3, seed=0, min_steps=1, max_steps=2)
+    for bad in ("synthetic:x", "synthetic:3:0:a", "synthetic:3:0:1-2-3", "synthetic:3:0:1:9"):
+        with pytest.raises(DistillError, match="bad data spec"):
+            load_problems(bad)
 
 
 GSM8K_ROWS = [
