@@ -26,7 +26,6 @@ def demo_config(out: str, *, gsm8k: str | None = None, quick: bool = False) -> R
     if quick:
         config.data.limit, config.data.eval_limit = 4, 4
         config.generate.samples, config.generate.max_new_tokens = 2, 48
-        config.filter.keep = "all"
         config.cache.max_length = 256
         config.train.steps, config.train.eval_every, config.train.warmup_steps = 4, 2, 1
         config.train.batch_size = 4
@@ -48,7 +47,7 @@ def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
     if bench:
         from distill.bench.report import terminal_summary
 
-        results = json.loads(Path(bench["files"]["results"]).read_text())
+        results = json.loads((Path(bench["bench"]) / "results.json").read_text())
         echo("")
         echo(terminal_summary(results, bench["files"]))
     return summary
