@@ -150,7 +150,9 @@ def plot_accuracy_vs_n(results: dict, path: Path) -> None:
             ys = [curve[str(n)]["acc"] for n in grid]
             lo = [max(0.0, curve[str(n)]["acc"] - curve[str(n)]["ci95"][0]) for n in grid]
             hi = [max(0.0, curve[str(n)]["ci95"][1] - curve[str(n)]["acc"]) for n in grid]
-            ax.errorbar(grid, ys, yerr=[lo, hi], fmt=styles[ri % len(styles)], color=color, capsize=3,
+            # small horizontal offsets so that overlapping curves and error bars stay distinguishable
+            xs = [n * 2 ** (0.04 * (ri - 1.5) + 0.015 * mi) for n in grid]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=styles[ri % len(styles)], color=color, capsize=3,
                         alpha=0.85, label=f"{m['name']} {RULE_LABELS[rule].format(n='N')}")
         if "greedy" in m["accuracy"]:
             ax.axhline(m["accuracy"]["greedy"]["acc"], color=color, linewidth=1, linestyle=(0, (1, 3)),
