@@ -41,6 +41,7 @@ BENCHMARKS = ["bench_loss_memory", "bench_cache_build", "bench_kd_step"]
 
 QUICK_FALLBACK: dict[str, list[str]] = {
     "bench_loss_memory": ["--rows", "2048", "--vocab", "32768", "--hidden", "128", "--k", "8", "--chunk", "256"],
+    "bench_cache_build": ["--n", "4", "--repeats", "1", "--max-length", "128"],
 }
 
 
