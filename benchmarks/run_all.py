@@ -22,18 +22,21 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.util
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # runnable as a plain script, like each benchmark
+    sys.path.insert(0, str(ROOT))
+
+from distill.io import atomic_write_json  # noqa: E402
+
 RESULTS = HERE / "results"
 
 # Order: cheapest first, so a --quick run reports something useful early.
@@ -90,16 +93,6 @@ def _environment() -> dict:
     return env
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def run_all(*, quick: bool = False, only: list[str] | None = None, out: Path = RESULTS / "all.json") -> dict:
     names = only or BENCHMARKS
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -130,7 +123,7 @@ def run_all(*, quick: bool = False, only: list[str] | None = None, out: Path = R
         report["benchmarks"][name] = entry
         status = "FAILED: " + entry["error"] if "error" in entry else "ok"
         print(f"== {name}: {status} ({entry['seconds']} s)", file=sys.stderr, flush=True)
-        _atomic_write(out, json.dumps(report, indent=2, default=str) + "\n")  # partial results survive a kill
+        atomic_write_json(out, report, default=str)  # partial results survive a kill
     return report
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.errors import DistillError
+from distill.io import fsync_dir
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -150,7 +151,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, tr
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,17 +210,4 @@ def _fsync_tree(directory: Path) -> None:
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(directory)

@@ -28,9 +28,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from distill.errors import DistillError
+from distill.io import atomic_write_json, atomic_write_text
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -219,18 +220,8 @@ def _prepare_run_dir(out: Path, run_record: dict, resume: bool) -> bool:
     if out.is_dir() and any(out.iterdir()):
         raise DistillError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_file, run_record)
+    atomic_write_json(run_file, run_record, indent=1, sort_keys=True)
     return False
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -245,9 +236,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by the kill
         if rec.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 class MetricsLog:
@@ -578,7 +567,7 @@ def _save_final(out: Path, model, tokenizer, summary: dict) -> None:
     tmp.mkdir()
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    _atomic_json(tmp / "summary.json", summary)
+    atomic_write_json(tmp / "summary.json", summary, indent=1, sort_keys=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

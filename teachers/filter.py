@@ -15,12 +15,11 @@ JSON next to the output (`kept.jsonl` -> `kept.report.json`).
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import atomic_write_json, atomic_write_jsonl
 from teachers.generate import read_traces
 from teachers.verify import extract_answer, format_ok, answers_match
 
@@ -112,8 +111,8 @@ def filter_traces(in_path: str | Path, out_path: str | Path, keep: str = "all-co
         "prompt_yield": with_kept / prompts,
         "per_prompt": per_prompt,
     }
-    _write_jsonl_atomic(out_path, kept)
-    _write_json_atomic(report_path(out_path), report)
+    atomic_write_jsonl(out_path, kept)
+    atomic_write_json(report_path(out_path), report)
     if echo is not None:
         for line in format_report(report):
             echo(line)
@@ -134,24 +133,3 @@ def format_report(report: dict, max_rows: int = 20) -> list[str]:
         f"accuracy {report['accuracy']:.1%}, format {report['format_rate']:.1%} [keep={report['keep']}, "
         f"require_format={report['require_format']}] -> {report['out']}")
     return lines
-
-
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -6,10 +6,10 @@ state), so they always agree with results.json; tests parse the table back and c
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+
+from distill.io import atomic_write_json, atomic_write_text
 
 RULE_LABELS = {
     "greedy": "greedy",
@@ -18,21 +18,6 @@ RULE_LABELS = {
     "best-of-n": "best-of-{n}",
     "weighted-best-of-n": "weighted@{n}",
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rule_label(rule: str, n: int) -> str:
@@ -221,8 +206,8 @@ def write_report(results: dict, out: str | Path) -> dict:
         tmp = paths[key].with_name(f".{paths[key].name}.tmp.png")
         fn(results, tmp)
         os.replace(tmp, paths[key])
-    atomic_write_bytes(paths["markdown"], markdown_report(results).encode())
-    atomic_write_bytes(paths["results"], (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_text(paths["markdown"], markdown_report(results))
+    atomic_write_json(paths["results"], results)
     return {k: str(v) for k, v in paths.items()}
 
 

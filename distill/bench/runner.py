@@ -9,7 +9,6 @@ the plots. Everything the user can get wrong is checked before the first model l
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from distill.bench import cost as cost_mod
-from distill.bench.report import atomic_write_bytes, terminal_summary, write_report
+from distill.bench.report import terminal_summary, write_report
 from distill.bench.selection import (
     SAMPLED_RULES,
     SCORED_RULES,
@@ -29,6 +28,7 @@ from distill.bench.selection import (
 )
 from distill.bench.stats import accuracy_entry
 from distill.errors import DistillError
+from distill.io import atomic_write_jsonl
 
 RESULTS_VERSION = 1
 DEFAULT_RULES = "greedy,pass@n,majority,best-of-n,weighted-best-of-n"
@@ -278,8 +278,7 @@ def run_bench(
 
 
 def _write_details(path: Path, details: list[dict]) -> None:
-    data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details)
-    atomic_write_bytes(path, data.encode())
+    atomic_write_jsonl(path, details)
 
 
 def _default_device():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from distill.errors import DistillError
+from distill.io import atomic_write_bytes
 
 FORMAT_NAME = "distill-teacher-cache"
 FORMAT_VERSION = 1
@@ -153,31 +153,6 @@ def read_manifest(directory: str | Path) -> Manifest:
     except (OSError, ValueError) as err:
         raise DistillError(f"{path} cannot be read as JSON ({err}); rebuild the cache") from None
     return Manifest.from_dict(data, where=str(path))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:

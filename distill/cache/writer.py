@@ -1,6 +1,6 @@
 """Streaming, crash-safe cache writer: one shard at a time, each committed atomically, resumable.
 
-Commit order for a shard: write `name.tmp`, fsync, rename to its final name, then rewrite the manifest
+Commit order for a shard: write a `*.tmp` file, fsync, rename to its final name, then rewrite the manifest
 atomically with the shard listed. A shard that is on disk but not in the manifest (killed between the
 two renames) is simply rewritten on resume; its content is deterministic (same samples, same batches).
 
@@ -32,12 +32,12 @@ from distill.cache.format import (
     T_TOPK_LOGPROBS,
     Manifest,
     ShardInfo,
-    atomic_write_bytes,
     read_manifest,
     shard_name,
     write_manifest,
 )
 from distill.errors import DistillError
+from distill.io import atomic_write_bytes
 
 # Manifest fields that decide the content of a cache: resuming requires all of them to be equal.
 IDENTITY_FIELDS = (

@@ -10,12 +10,11 @@ first n problems of a larger set are the same n problems.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import atomic_write_jsonl
 
 _PEOPLE = [("Maya", "she", "her"), ("Liam", "he", "his"), ("Sofia", "she", "her"), ("Omar", "he", "his"),
            ("Hana", "she", "her"), ("Diego", "he", "his"), ("Priya", "she", "her"), ("Tom", "he", "his"),
@@ -143,13 +142,4 @@ def synthetic_problems(n: int, seed: int = 0, min_steps: int = 2, max_steps: int
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     """Write records as JSONL atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_jsonl(path, records)

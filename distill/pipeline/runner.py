@@ -11,7 +11,6 @@ refused in one line rather than silently mixing two configurations in one run fo
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import typer
 
 from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.io import atomic_write_json
 
 
 @dataclass
@@ -43,21 +43,12 @@ class Stage:
     enabled: Callable[[RunConfig], bool] = lambda config: True
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo) -> RunContext:
     """Run `stages` in order under `config.run.dir`; returns the context with every stage's outputs."""
     ctx = RunContext(config=config, dir=Path(config.run.dir))
     ctx.dir.mkdir(parents=True, exist_ok=True)
     (ctx.dir / "stages").mkdir(exist_ok=True)
-    _write_json_atomic(ctx.dir / "config.json", config.to_dict())
+    atomic_write_json(ctx.dir / "config.json", config.to_dict(), sort_keys=True)
     active = [s for s in stages if s.enabled(config)]
     for number, stage in enumerate(active, 1):
         marker = ctx.dir / "stages" / f"{stage.name}.json"
@@ -76,7 +67,7 @@ def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo) -> Ru
         start = time.perf_counter()
         outputs = stage.run(ctx)
         wall = round(time.perf_counter() - start, 2)
-        _write_json_atomic(marker, {"hash": digest, "wall_s": wall, "outputs": outputs})
+        atomic_write_json(marker, {"hash": digest, "wall_s": wall, "outputs": outputs}, sort_keys=True)
         ctx.outputs[stage.name] = outputs | {"wall_s": wall, "skipped": False}
         echo(f"[{number}/{len(active)}] {stage.name}: done in {wall:.1f}s")
     return ctx

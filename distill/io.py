@@ -1,0 +1,93 @@
+"""Crash-safe file writes and the one JSONL reader every module shares.
+
+A write goes to a temporary name in the same folder (so the rename never crosses file systems), is
+fsynced, then `os.replace`d over the target and the folder is fsynced: a crash leaves the old file or
+the new one, never half of one. The temporary name starts with `.` and ends with `.tmp`, so a cache
+writer that sweeps `*.tmp` leftovers also sweeps these; on failure it is removed before the error
+propagates. Directory-level swaps (checkpoints, exported models) are a different operation and live with
+their callers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from distill.errors import DistillError
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside `directory` durable; a no-op where folders cannot be fsynced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, **dumps_kwargs: Any) -> Path:
+    """`obj` as indented JSON plus a final newline; extra keywords go to `json.dumps` (sort_keys, default)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """One JSON object per line, UTF-8 kept readable (ensure_ascii=False)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield `(line number, object)` for each non-blank line of a JSONL file.
+
+    The line number lets callers name `file:line` in their own errors (a missing field). A line that is
+    not JSON, not UTF-8 or not an object, or a file that cannot be read, raises a one-line DistillError
+    naming the file and line.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DistillError(f"{path}:{lineno} is not UTF-8 text; save the file as UTF-8") from None
+                except json.JSONDecodeError as err:
+                    raise DistillError(f"{path}:{lineno} is not valid JSON ({err.msg}); "
+                                       "each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise DistillError(f"{path}:{lineno} is not a JSON object")
+                yield lineno, row
+    except OSError as err:
+        raise DistillError(f"cannot read {path}: {err.strerror or err}") from None
