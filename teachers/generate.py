@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from distill.errors import DistillError
+from distill.io import iter_jsonl
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful assistant that solves math word problems. First think step by step inside "
@@ -370,23 +371,16 @@ def load_problems(data: str, *, fields: dict[str, str] | None = None, limit: int
     mapping = {"question": "question", "answer": "answer", "id": "id"}
     mapping.update(fields or {})
     problems = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DistillError(f"{path}:{lineno}: not valid JSON") from None
-            for key in ("question", "answer"):
-                if mapping[key] not in row:
-                    raise DistillError(f"{path}:{lineno}: no field {mapping[key]!r} "
-                                       f"(map it with --field {key}=NAME)")
-            pid = row.get(mapping["id"], f"{path.stem}-{len(problems)}")
-            problems.append({"id": str(pid), "question": str(row[mapping["question"]]),
-                             "answer": str(row[mapping["answer"]])})
-            if limit and len(problems) >= limit:
-                break
+    for lineno, row in iter_jsonl(path):
+        for key in ("question", "answer"):
+            if mapping[key] not in row:
+                raise DistillError(f"{path}:{lineno}: no field {mapping[key]!r} "
+                                   f"(map it with --field {key}=NAME)")
+        pid = row.get(mapping["id"], f"{path.stem}-{len(problems)}")
+        problems.append({"id": str(pid), "question": str(row[mapping["question"]]),
+                         "answer": str(row[mapping["answer"]])})
+        if limit and len(problems) >= limit:
+            break
     if not problems:
         raise DistillError(f"no problems in {path}")
     ids = [p["id"] for p in problems]

@@ -6,11 +6,12 @@ the last `####` of a GSM8K-style worked answer, or the whole answer when it has 
 
 from __future__ import annotations
 
-import json
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import iter_jsonl
 
 # Synthetic problems for the benchmark use their own seed so that they are not the problems a
 # pipeline trained on by default (its synthetic data uses small seeds); recorded in results.json.
@@ -46,21 +47,7 @@ def _from_records(records, source: str) -> list[Problem]:
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    records = []
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DistillError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
-                if limit is not None and len(records) >= limit:
-                    break
-    except OSError as err:
-        raise DistillError(f"cannot read task file {path}: {err.strerror or err}") from None
-    return records
+    return [row for _, row in itertools.islice(iter_jsonl(path), limit)]
 
 
 def load_task(task: str, *, limit: int | None = None, seed: int = SYNTHETIC_SEED) -> tuple[list[Problem], dict]:

@@ -7,10 +7,10 @@ traces, caches and evaluations of the same problem line up across runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import iter_jsonl
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
@@ -45,17 +45,10 @@ def _read_local(split: str, path: Path) -> list[dict]:
     if not file.is_file():
         raise DistillError(f"GSM8K file not found: {file} (give a JSONL file or a directory with {split}.jsonl)")
     rows = []
-    with open(file, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DistillError(f"{file}:{lineno}: not valid JSON") from None
-            if "question" not in row or "answer" not in row:
-                raise DistillError(f"{file}:{lineno}: a GSM8K row needs 'question' and 'answer'")
-            rows.append(row)
+    for lineno, row in iter_jsonl(file):
+        if "question" not in row or "answer" not in row:
+            raise DistillError(f"{file}:{lineno}: a GSM8K row needs 'question' and 'answer'")
+        rows.append(row)
     return rows
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from distill.errors import DistillError
+from distill.io import iter_jsonl
 
 CANONICAL = ("prompt", "completion", "messages", "text")
 
@@ -35,29 +36,19 @@ def parse_field_map(items: Iterable[str] | None) -> dict[str, str]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise DistillError(f"{path} is not valid JSON ({err})") from None
-        if not all(isinstance(r, dict) for r in data):
-            raise DistillError(f"{path}: every element of the JSON array must be an object")
-        return data
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise DistillError(f"{path}:{n} is not valid JSON ({err.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise DistillError(f"{path}:{n} is not a JSON object")
-        rows.append(row)
-    return rows
+    """Rows of a JSONL file, or of a `.json` file holding one JSON array of objects."""
+    if path.suffix == ".json":
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        if text.lstrip().startswith("["):
+            try:
+                data = json.loads(text)
+            except ValueError as err:
+                raise DistillError(f"{path} is not valid JSON ({err})") from None
+            if not all(isinstance(r, dict) for r in data):
+                raise DistillError(f"{path}: every element of the JSON array must be an object")
+            return data
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _from_datasets_obj(ds, split: str | None, where: str) -> list[dict]:
