@@ -103,6 +103,7 @@ def test_load_gsm8k_local_file_and_directory(tmp_path):
     assert load_gsm8k("test", path=tmp_path / "test.jsonl", limit=2) == from_dir[:2]
     assert [gold_answer(p["answer"]) for p in from_dir] == ["18", "3", "2125"]
     assert gold_answer("42") == "42"
+    assert gold_answer("x #### 2,125") == "2125" and gold_answer("x #### (1, 2)", keep_commas=True) == "(1, 2)"
     with pytest.raises(DistillError, match="not found"):
         load_gsm8k("train", path=tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')

@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.data.gsm8k import gold_answer, load_gsm8k
 from distill.errors import DistillError
 from distill.io import iter_jsonl
 
@@ -26,20 +27,12 @@ class Problem:
     gold: str
 
 
-def gold_from_answer(answer: str) -> str:
-    """The final answer of a GSM8K-style solution ('... #### 72' -> '72'); the whole text otherwise."""
-    text = str(answer)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    return text.strip()
-
-
 def _from_records(records, source: str) -> list[Problem]:
     problems = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
             raise DistillError(f"{source}: record {i + 1} needs 'question' and 'answer' fields")
-        gold = gold_from_answer(rec["answer"])
+        gold = gold_answer(rec["answer"], keep_commas=True)
         if not gold:
             raise DistillError(f"{source}: record {i + 1} has an empty answer")
         problems.append(Problem(id=str(rec.get("id", i)), question=str(rec["question"]), gold=gold))
@@ -55,8 +48,6 @@ def load_task(task: str, *, limit: int | None = None, seed: int = SYNTHETIC_SEED
     if limit is not None and limit < 1:
         raise DistillError(f"--limit must be at least 1, got {limit}")
     if task == "gsm8k":
-        from distill.data.gsm8k import load_gsm8k
-
         records = load_gsm8k("test", limit=limit)
         problems = _from_records(records, "gsm8k test")
         info = {"task": "gsm8k", "split": "test"}

@@ -16,15 +16,18 @@ HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 
 
-def gold_answer(answer_text: str) -> str:
+def gold_answer(answer_text: str, *, keep_commas: bool = False) -> str:
     """The final answer of a GSM8K solution (text after the last `####`), commas removed.
 
     Text without `####` is taken as the answer itself (bare answers from generic data sets).
+    `keep_commas=True` is for user task files whose answers need not be numbers (`(1, 2)`): there a
+    comma is part of the answer, and `answers_match` already reads `1,000` as 1000.
     """
     text = str(answer_text)
     if "####" in text:
         text = text.rsplit("####", 1)[1]
-    return text.strip().replace(",", "")
+    text = text.strip()
+    return text if keep_commas else text.replace(",", "")
 
 
 def load_gsm8k(split: str = "test", path: str | Path | None = None, limit: int | None = None) -> list[dict]:
