@@ -4,15 +4,17 @@ A write goes to a temporary name in the same folder (so the rename never crosses
 fsynced, then `os.replace`d over the target and the folder is fsynced: a crash leaves the old file or
 the new one, never half of one. The temporary name starts with `.` and ends with `.tmp`, so a cache
 writer that sweeps `*.tmp` leftovers also sweeps these; on failure it is removed before the error
-propagates. Directory-level swaps (checkpoints, exported models) are a different operation and live with
-their callers.
+propagates. `atomic_directory` does the same for a whole saved model folder; training checkpoints keep
+their own swap (they fsync every file and prune old ones).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -64,6 +66,25 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2, **dumps_kw
 def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
     """One JSON object per line, UTF-8 kept readable (ensure_ascii=False)."""
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+@contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `out`; when the block succeeds it replaces `out` whole.
+
+    If the block raises, the temporary folder is removed and `out` is left as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:

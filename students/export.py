@@ -16,12 +16,12 @@ Both write into a temporary directory that is renamed into place, with a model c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import atomic_directory
 
 FORMATS = ("merged", "bnb-4bit")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -101,9 +101,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dty
     adapter = adapter_dir_of(run_dir, checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DistillError(f"--out {out} already exists and is not empty; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         if format == "merged":
             model, tokenizer = merged_model(run, adapter, dtype=dtype)
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -132,11 +130,5 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dty
         summary = {"format": format, "dtype": dtype, "run_dir": str(run_dir), "adapter": str(adapter), "out": str(out),
                    "parameters": sum(p.numel() for p in model.parameters())}
         write_model_card(tmp, run, run_dir, summary)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["files"] = sorted(p.name for p in out.iterdir())
     return summary

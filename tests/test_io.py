@@ -36,3 +36,20 @@ def test_jsonl_round_trip_and_errors(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(DistillError, match="cannot read"):
         list(iter_jsonl(tmp_path / "missing.jsonl"))
+
+
+def test_atomic_directory_replaces_whole_or_keeps_old(tmp_path):
+    from distill.io import atomic_directory
+
+    out = tmp_path / "model"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError("killed mid-save")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+    assert [p.name for p in out.iterdir()] == ["a.txt"]  # the old folder untouched
+    with atomic_directory(out) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["c.txt"]  # replaced whole, nothing merged
