@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# A hub id is `name` or `org/name`; anything else with a separator can only be a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    if name_or_path.startswith((".", "/", "~")):
+        return True
+    seps = [s for s in (os.sep, os.altsep) if s]
+    return any(s in name_or_path for s in seps) and not _HUB_ID.match(name_or_path)
+
+
 def _resolve(name_or_path: str) -> str:
     p = Path(name_or_path).expanduser()
     if p.exists():
@@ -36,6 +49,9 @@ def _resolve(name_or_path: str) -> str:
         if not (p / "config.json").is_file():
             raise DistillError(f"teacher directory {p} has no config.json; give a Hugging Face model directory")
         return str(p.resolve())
+    if _looks_like_path(name_or_path):
+        # Fail now: handed to the hub client, a missing path is retried for ~30 s when offline.
+        raise DistillError(f"teacher directory {name_or_path} does not exist; give a model directory or a hub id (org/name)")
     return name_or_path
 
 

@@ -187,3 +187,29 @@ def test_real_exit_code_of_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "cache", "verify", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_missing_teacher_path_fails_without_the_hub(tmp_path, monkeypatch):
+    """A path that does not exist is refused at once; only a hub-shaped id is handed to the hub client."""
+    import transformers
+
+    from teachers.loading import load_teacher, load_teacher_tokenizer
+
+    calls = []
+
+    def fake_from_pretrained(src, *args, **kwargs):
+        calls.append(src)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    for missing in (str(tmp_path / "no_such_dir"), "./no_such_dir", "~/no_such_dir_xyz", "runs/a/b"):
+        with pytest.raises(DistillError, match="does not exist") as err:
+            load_teacher(missing, device="cpu")
+        assert "\n" not in str(err.value)
+        with pytest.raises(DistillError, match="does not exist"):
+            load_teacher_tokenizer(missing)
+    assert calls == []
+    with pytest.raises(DistillError, match="cannot load teacher 'org/model'"):
+        load_teacher("org/model", device="cpu")
+    assert calls == ["org/model"]
