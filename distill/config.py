@@ -75,6 +75,7 @@ class StudentSection:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    gradient_checkpointing: bool = True  # off trades memory for ~1/3 less compute (fine on CPU)
     trust_remote_code: bool = False
 
 

@@ -169,6 +169,7 @@ def stage_train(ctx: RunContext) -> dict:
     summary = train(TrainConfig(
         student=ctx.outputs["student"]["student"], cache=str(ctx.path("cache")), out=str(ctx.path("train")),
         quant=s.quant, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+        gradient_checkpointing=s.gradient_checkpointing,
         trust_remote_code=s.trust_remote_code, loss=t.loss, temperature=t.temperature,
         kd_weight=t.kd_weight, ce_weight=t.ce_weight, steps=None if t.epochs else t.steps,
         epochs=t.epochs or None, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
