@@ -455,6 +455,10 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     stream = plan.stream(epoch, batch_index)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     last_eval = None
+    if step == 0 and cfg.eval_every:
+        # The untrained student's held-out KL: the baseline that the final figure is read against.
+        model.eval()
+        run_eval(0)
     t_start = time.perf_counter()
     tokens_seen = 0
     model.train()
@@ -519,6 +523,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     elapsed = time.perf_counter() - t_start
     summary = {
         "steps": step, "total_steps": total_steps, "epoch": epoch, "optimizer": opt_kind,
+        "initial_eval_kl": next((r["eval_kl"] for r in read_metrics(out) if r.get("kind") == "eval" and r["step"] == 0), None),
         "final_eval_kl": last_eval["eval_kl"] if last_eval else None,
         "final_top1_agreement": last_eval["eval_top1_agreement"] if last_eval else None,
         "eval_tokens": last_eval["eval_tokens"] if last_eval else 0,

@@ -35,7 +35,7 @@ def pruned_pair(tmp_path_factory):
 def test_kd_lowers_heldout_kl_well_below_sft(pruned_pair, tmp_path):
     student, cache = pruned_pair
     common = dict(student=str(student), cache=str(cache), quant="none", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                  lr=5e-3, steps=20, batch_size=8, eval_every=0, save_every=0, eval_fraction=0.2, progress=False)
+                  lr=5e-3, steps=20, batch_size=8, eval_every=100, save_every=0, eval_fraction=0.2, progress=False)
     kd = train(TrainConfig(out=str(tmp_path / "kd"), kd_weight=1.0, ce_weight=0.0, **common))
     sft = train(TrainConfig(out=str(tmp_path / "sft"), kd_weight=0.0, ce_weight=1.0, **common))
     assert kd["eval_tokens"] == sft["eval_tokens"] > 0  # same held-out tokens for both
@@ -43,5 +43,8 @@ def test_kd_lowers_heldout_kl_well_below_sft(pruned_pair, tmp_path):
     print(f"start KL {start:.3f}; held-out KL after KD {kd['final_eval_kl']:.3f}, after SFT {sft['final_eval_kl']:.3f}; "
           f"top-1 agreement KD {kd['final_top1_agreement']:.3f}, SFT {sft['final_top1_agreement']:.3f}")
     assert kd["final_eval_kl"] < 0.5 * start
+    # The step-0 evaluation is the untrained student on the same held-out tokens, for both runs.
+    assert kd["initial_eval_kl"] == pytest.approx(sft["initial_eval_kl"], rel=1e-6)
+    assert kd["final_eval_kl"] < 0.5 * kd["initial_eval_kl"]
     assert kd["final_eval_kl"] < 0.25 * sft["final_eval_kl"]
     assert kd["final_top1_agreement"] > sft["final_top1_agreement"] + 0.2

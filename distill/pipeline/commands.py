@@ -63,6 +63,12 @@ def stage_table(outputs: dict[str, dict]) -> str:
             note = (note + " " if note else "") + (
                 f"kept {y['kept']}/{y['traces']} traces, teacher accuracy {y['accuracy']:.0%}, "
                 f"{y['prompts_kept']}/{y['prompts']} problems")
+        if name == "train" and out.get("summary", {}).get("final_eval_kl") is not None:
+            t = out["summary"]
+            start = f"{t['initial_eval_kl']:.3f} -> " if t.get("initial_eval_kl") is not None else ""
+            note = (note + " " if note else "") + (
+                f"{t['steps']} steps, held-out KL {start}{t['final_eval_kl']:.3f}, "
+                f"top-1 agreement {t['final_top1_agreement']:.1%}")
         if name in ("cache", "heldout") and "sequences" in out:
             note = (note + " " if note else "") + f"{out['sequences']} sequences"
         lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")
