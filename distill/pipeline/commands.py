@@ -10,6 +10,7 @@ import typer
 
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.io import atomic_write_json
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
@@ -40,7 +41,7 @@ def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
 
     ctx = run_stages(config, STAGES, echo=echo)
     summary = {"run_dir": str(ctx.dir), "stages": ctx.outputs}
-    (ctx.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(ctx.dir / "summary.json", summary, default=str)
     echo("")
     echo(stage_table(ctx.outputs))
     bench = ctx.outputs.get("bench")

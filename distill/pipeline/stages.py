@@ -22,6 +22,7 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.io import atomic_write_jsonl
 from distill.pipeline.runner import RunContext, Stage
 
 UPSTREAM_TEACHER = ("teacher",)
@@ -138,10 +139,7 @@ def stage_heldout(ctx: RunContext) -> dict:
     from teachers.cache_build import build_cache
 
     cfg = ctx.config
-    records_path = ctx.path("heldout.jsonl")
-    with open(records_path, "w", encoding="utf-8") as fh:
-        for record in heldout_records(cfg):
-            fh.write(json.dumps(record) + "\n")
+    records_path = atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(cfg))
     manifest = build_cache(
         teacher_dir(ctx), records_path, ctx.path("heldout-cache"), top_k=cfg.cache.top_k,
         temperature=cfg.cache.temperature, max_length=cfg.cache.max_length, dtype=cfg.cache.dtype,
@@ -220,7 +218,7 @@ STAGES = [
     Stage("generate", UPSTREAM_TRACES, stage_generate),
     Stage("filter", UPSTREAM_TRACES + ("filter",), stage_filter),
     Stage("cache", UPSTREAM_CACHE, stage_cache),
-    Stage("heldout", UPSTREAM_TEACHER + ("run", "data", "cache"), stage_heldout),
+    Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout),  # uses the system prompt too
     Stage("student", UPSTREAM_STUDENT, stage_student),
     Stage("train", UPSTREAM_TRAIN, stage_train),
     Stage("export", UPSTREAM_TRAIN + ("export",), stage_export),
