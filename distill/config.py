@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
+
+try:  # Python 3.11+; on 3.10 the same parser ships as the `tomli` package (a dependency there).
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 @dataclass

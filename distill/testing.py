@@ -92,3 +92,29 @@ def save_tiny_model(directory: str | Path, *, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_gemma4_multimodal(vocab_size: int, *, softcap: float = 2.0, seed: int = 0, head_scale: float = 200.0,
+                           pad_token_id: int | None = None, eos_token_id: int | None = None):
+    """A random Gemma-4 `ForConditionalGeneration` (no vision or audio tower) whose final-logit
+    soft-cap lives only in its TEXT config, as in Gemma-3n / Gemma-4 checkpoints.
+
+    Gemma-3n itself cannot be built tiny without `timm` (its vision tower); Gemma-4 keeps the cap in
+    the same place and applies it the same way (`config.get_text_config().final_logit_softcapping`).
+    The head is scaled up so that raw logits exceed the cap by far and capping changes them.
+    """
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    text = Gemma4TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, final_logit_softcapping=softcap,
+        layer_types=["sliding_attention", "full_attention"], eos_token_id=eos_token_id,
+        pad_token_id=0 if pad_token_id is None else pad_token_id,  # its forward masks media tokens with it
+    )
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
+    model.eval()
+    return model

@@ -20,17 +20,19 @@ import torch
 @torch.no_grad()
 def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 8, pad_id: int | None = None,
                       chunk_size: int = 512, vocab_size: int | None = None, max_samples: int | None = None,
-                      progress: bool = False, device=None) -> dict[str, Any]:
+                      progress: bool = False, device=None, full_logits: bool | None = None) -> dict[str, Any]:
     """Mean held-out KL and top-1 agreement over the trained positions of `dataset` (CacheDataset-like).
 
-    `vocab_size` defaults to `len(tokenizer)`; `pad_id` to the tokenizer's pad id. Returns
-    {"kl", "top1_agreement", "tokens", "samples"}.
+    `vocab_size` defaults to `len(tokenizer)`; `pad_id` to the tokenizer's pad id. `full_logits`: the
+    logits path (`students.head.check_head`); None checks the head on the first sample here, so a
+    model whose forward the chunked head does not reproduce is scored on its own logits. Returns
+    {"kl", "top1_agreement", "tokens", "samples", "head_path"}.
     """
     from tqdm.auto import tqdm
 
     from distill.cache.reader import collate
     from distill.losses import KDLossConfig, distillation_loss_sums
-    from students.head import model_hidden_and_head
+    from students.head import CHUNKED_HEAD, FULL_LOGITS, HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     if dataset is None:
         raise ValueError("evaluate_on_cache needs a dataset")
@@ -44,6 +46,9 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
         device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
+    if full_logits is None and n > 0:
+        full_logits = check_head(model, dataset[0]["input_ids"][:HEAD_CHECK_TOKENS].to(device)).full_logits
+    head_path = FULL_LOGITS if full_logits else CHUNKED_HEAD
     # forward-kl at T=1 against the teacher as stored: the loss module's kl_sum / top1_agree stats.
     cfg = KDLossConfig(kind="forward-kl", temperature=1.0, cache_temperature=1.0, vocab_size=vocab_size, chunk_size=chunk_size)
     kl_sum = torch.zeros((), dtype=torch.float64)
@@ -53,8 +58,8 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
         for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
             batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden, head = model_hidden_and_head(model, batch)
-            sums = distillation_loss_sums(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], cfg)
+            rows, head = rows_and_head(model, batch, full_logits=bool(full_logits))
+            sums = distillation_loss_sums(rows, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], cfg)
             kl_sum += sums.kl_sum.double().cpu()
             agree_sum += sums.top1_agree.double().cpu()
             tokens += sums.n_tokens
@@ -62,5 +67,6 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
         if was_training:
             model.train()
     if tokens == 0:
-        return {"kl": math.nan, "top1_agreement": math.nan, "tokens": 0, "samples": n}
-    return {"kl": float(kl_sum / tokens), "top1_agreement": float(agree_sum / tokens), "tokens": tokens, "samples": n}
+        return {"kl": math.nan, "top1_agreement": math.nan, "tokens": 0, "samples": n, "head_path": head_path}
+    return {"kl": float(kl_sum / tokens), "top1_agreement": float(agree_sum / tokens), "tokens": tokens, "samples": n,
+            "head_path": head_path}

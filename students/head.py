@@ -13,14 +13,21 @@ decoder body alone and rebuild exactly what the model's forward does after it:
   `lm_head_multiplier` (Falcon-H1), hidden states divided by `logits_scaling` before the head
   (MiniCPM3). Names read from transformers 5.24's modeling files.
 
+Every attribute is read from the TEXT config (`config.get_text_config()`) first: a multimodal
+wrapper (Gemma-3n, Gemma-4, Granite vision, ...) keeps `final_logit_softcapping` or `logits_scaling`
+there, and its top-level config does not have it; reading the top level silently trained such a
+student on uncapped logits that it then ran capped.
+
 Architectures not listed are assumed to apply lm_head only (true of Llama, Qwen, Mistral, Phi, ...).
-`verify_head` compares head(hidden) with model(...).logits on a few tokens so that a trainer can
-refuse a model whose forward does something we do not reproduce.
+`verify_head` compares head(hidden) with model(...).logits on a few tokens; `check_head` turns the
+outcome into the path a trainer takes: the chunked head when it matches, else the model's own full
+logits (`rows_and_head(..., full_logits=True)`), slower and [B, T, V] in memory but correct.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -52,6 +59,19 @@ def decoder_body(lm):
     return body
 
 
+def text_config(config):
+    """The config that holds the language model's settings: `get_text_config()` of a multimodal config."""
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            inner = get()
+        except (AttributeError, ValueError, TypeError):
+            inner = None
+        if inner is not None:
+            return inner
+    return config
+
+
 class ModelHead:
     """head(h) -> logits exactly as the model's forward computes them from final hidden states h."""
 
@@ -60,27 +80,42 @@ class ModelHead:
         self.out = lm.get_output_embeddings()
         if self.out is None:
             raise DistillError(f"{type(lm).__name__} has no output embeddings; it is not a causal LM")
-        config = lm.config
-        model_type = str(getattr(config, "model_type", ""))
+        top = lm.config
+        inner = text_config(top)
+        model_types = {str(getattr(c, "model_type", "")) for c in (top, inner)}
+
+        def family(prefix: str) -> bool:
+            return any(t.startswith(prefix) for t in model_types)
+
+        def setting(name: str):
+            """`name` from the text config, else from the top-level config (None when neither has it)."""
+            for c in (inner, top):
+                value = getattr(c, name, None)
+                if value is not None:
+                    return value
+            return None
+
         self.hidden_divisor = None
         self.logit_multiplier = None
         self.logit_divisor = None
         self.softcap = None
         self.softcap_module = None
-        if model_type.startswith("minicpm3"):
-            self.hidden_divisor = float(config.logits_scaling)
-        if model_type.startswith("cohere") and getattr(lm, "logit_scale", None) is not None:
+        if family("minicpm3") and setting("logits_scaling") is not None:
+            self.hidden_divisor = float(setting("logits_scaling"))
+        if family("cohere") and getattr(lm, "logit_scale", None) is not None:
             self.logit_multiplier = lm.logit_scale
-        elif model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
-            self.logit_divisor = float(config.logits_scaling)
-        elif model_type.startswith("hyperclovax") and getattr(config, "logits_scaling", None) is not None:
-            self.logit_multiplier = float(config.logits_scaling)
-        elif model_type.startswith("falcon_h1"):
-            self.logit_multiplier = float(lm.model.lm_head_multiplier)
+        elif family("granite") and setting("logits_scaling") is not None:
+            self.logit_divisor = float(setting("logits_scaling"))
+        elif family("hyperclovax") and setting("logits_scaling") is not None:
+            self.logit_multiplier = float(setting("logits_scaling"))
+        elif family("falcon_h1"):
+            multiplier = getattr(getattr(lm, "model", None), "lm_head_multiplier", None)
+            multiplier = multiplier if multiplier is not None else setting("lm_head_multiplier")
+            self.logit_multiplier = float(multiplier) if multiplier is not None else None
         if getattr(lm, "logit_softcap", None) is not None and callable(lm.logit_softcap):
             self.softcap_module = lm.logit_softcap  # Inkling2: applied to fp32 logits
-        elif getattr(config, "final_logit_softcapping", None) is not None:
-            self.softcap = float(config.final_logit_softcapping)
+        elif setting("final_logit_softcapping") is not None:
+            self.softcap = float(setting("final_logit_softcapping"))
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if self.hidden_divisor is not None:
@@ -122,27 +157,130 @@ def model_hidden_and_head(model, input_ids, attention_mask: torch.Tensor | None 
     return hidden, ModelHead(lm)
 
 
+CHUNKED_HEAD = "chunked-head"
+FULL_LOGITS = "full-logits"
+HEAD_CHECK_TOKENS = 32
+
+
+class LogitsHead:
+    """The "head" of rows that already are logits (the model's own): the identity, with their width.
+
+    Lets the chunked loss consume `model(...).logits` rows exactly as it consumes hidden states.
+    """
+
+    def __init__(self, width: int):
+        self.width = int(width)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+
+def rows_and_head(model, batch, *, full_logits: bool = False):
+    """(rows [B, T, X], head) for the loss: hidden states + ModelHead, or (full_logits) logits + identity.
+
+    The full-logits path runs the model's own forward, so whatever it does to its logits is included;
+    it builds the [B, T, V] logits that the chunked head avoids. Use it when `check_head` says so.
+    """
+    if not full_logits:
+        return model_hidden_and_head(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return logits, LogitsHead(logits.shape[-1])
+
+
+def _head_difference(model, input_ids, attention_mask, ref: torch.Tensor) -> float:
+    """max |head(hidden) - ref| over the probe; DistillError when the shapes differ."""
+    lm = unwrap_causal_lm(model)
+    hidden, head = model_hidden_and_head(model, input_ids, attention_mask)
+    ours = head(hidden).float()
+    if ours.shape != ref.shape:
+        raise DistillError(
+            f"{type(lm).__name__}: rebuilt logits have shape {tuple(ours.shape)} but the model returns "
+            f"{tuple(ref.shape)}"
+        )
+    return float((ours - ref).abs().max())
+
+
+def _tolerance(ref: torch.Tensor, atol: float | None) -> float:
+    """Allowed max |diff| for logits `ref`: atol (default 1e-3 in fp32, 3e-2 in half precision) x max(1, max |ref|)."""
+    if atol is None:
+        atol = 1e-3 if ref.dtype == torch.float32 else 3e-2
+    return atol * max(1.0, float(ref.float().abs().max()))
+
+
 @torch.no_grad()
-def verify_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, atol: float = 1e-3) -> float:
+def verify_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, atol: float | None = None) -> float:
     """Check head(hidden) against the model's own logits on a few tokens; returns the max abs diff.
 
     Raises DistillError when they differ: the model's forward post-processes logits in a way this
     module does not reproduce, and training it through `model_hidden_and_head` would be wrong.
+    `atol` is relative to max(1, max |logit|); None picks it from the logits' dtype.
     """
     lm = unwrap_causal_lm(model)
-    hidden, head = model_hidden_and_head(model, input_ids, attention_mask)
-    ours = head(hidden).float()
-    ref = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    if ours.shape != ref.shape:
-        raise DistillError(
-            f"{type(lm).__name__}: rebuilt logits have shape {tuple(ours.shape)} but the model returns "
-            f"{tuple(ref.shape)}; this architecture is not supported as a student"
-        )
-    diff = float((ours - ref).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    if not diff <= atol * max(1.0, scale):
+    ref = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    diff = _head_difference(model, input_ids, attention_mask, ref.float())
+    if not diff <= _tolerance(ref, atol):
         raise DistillError(
             f"{type(lm).__name__}: head(hidden) differs from the model's logits by {diff:.3g}; its forward "
-            "post-processes logits in a way distill does not reproduce, so it cannot be a student yet"
+            "post-processes logits in a way distill's chunked head does not reproduce"
         )
     return diff
+
+
+@dataclass
+class HeadCheck:
+    """The logits path chosen for a model (`CHUNKED_HEAD` or `FULL_LOGITS`) and the evidence for it."""
+
+    path: str
+    tokens: int
+    max_abs_diff: float | None
+    tolerance: float | None
+    reason: str | None = None
+
+    @property
+    def full_logits(self) -> bool:
+        return self.path == FULL_LOGITS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def message(self, what: str = "training") -> str:
+        """One line for the user."""
+        if not self.full_logits:
+            return (f"head check: the chunked head matches the model's own logits on {self.tokens} tokens "
+                    f"(max |diff| {self.max_abs_diff:.3g} <= {self.tolerance:.3g}); {what} uses it")
+        return (f"warning: head check failed ({self.reason}); {what} uses the model's full logits instead: "
+                "correct, but slower and with [batch, length, vocabulary] logits in memory")
+
+
+@torch.no_grad()
+def check_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               atol: float | None = None) -> HeadCheck:
+    """Which logits path is correct for `model`, decided on a few real tokens (a 1-D or [B, T] tensor).
+
+    The chunked head (final hidden states through `ModelHead`) is used when head(hidden) matches
+    `model(...).logits`; otherwise, or when the decoder body cannot be run on its own, the model's
+    own full logits are (`rows_and_head(..., full_logits=True)`): correctness beats memory. Runs in
+    eval mode (LoRA dropout would make two forward passes differ) and restores the mode.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    tokens = int(attention_mask.sum())
+    was_training = model.training
+    model.eval()
+    try:
+        ref = unwrap_causal_lm(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        tol = _tolerance(ref, atol)
+        try:
+            diff = _head_difference(model, input_ids, attention_mask, ref.float())
+        except Exception as err:  # noqa: BLE001 - any failure of the chunked path means: use full logits
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return HeadCheck(FULL_LOGITS, tokens, None, tol, reason)
+        if diff <= tol:
+            return HeadCheck(CHUNKED_HEAD, tokens, diff, tol)
+        return HeadCheck(FULL_LOGITS, tokens, diff, tol,
+                         f"head(hidden) differs from the model's logits by {diff:.3g} > {tol:.3g}")
+    finally:
+        if was_training:
+            model.train()

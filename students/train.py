@@ -12,7 +12,8 @@ states (`students/checkpoint.py`), and `--resume` replays the same per-step loss
 never interrupted (tested with a real SIGKILL).
 
 The run directory:
-    run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss)
+    run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss) and
+                       the head check (chunked head or full logits, `students.head.check_head`)
     metrics.jsonl      one JSON object per step ("train") and per evaluation ("eval")
     checkpoints/step-XXXXXX/
     final/             adapters + tokenizer + summary.json
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +197,8 @@ class DataPlan:
 # ---- run directory ------------------------------------------------------------------------------
 
 def _identity(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k != "config"} | {
+    # "head" is an outcome of the run (the head check), not a setting: it is re-checked on resume.
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k not in ("config", "head")} | {
         "config": {k: v for k, v in d.get("config", {}).items() if k not in RESUMABLE_CHANGES}}
 
 
@@ -315,13 +318,28 @@ def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.
                         kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
 
 
-def batch_loss_sums(model, batch: dict, loss_cfg):
-    """LossSums of one micro-batch: final hidden states through the chunked head + sparse KD loss."""
-    from distill.losses import distillation_loss_sums
-    from students.head import model_hidden_and_head
+def batch_loss_sums(model, batch: dict, loss_cfg, *, full_logits: bool = False):
+    """LossSums of one micro-batch: final hidden states through the chunked head + sparse KD loss.
 
-    hidden, head = model_hidden_and_head(model, batch)
-    return distillation_loss_sums(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)
+    `full_logits`: the model's own logits instead, for a model whose head check failed (`check_head`).
+    """
+    from distill.losses import distillation_loss_sums
+    from students.head import rows_and_head
+
+    rows, head = rows_and_head(model, batch, full_logits=full_logits)
+    return distillation_loss_sums(rows, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)
+
+
+def check_student_head(model, sample: dict, accelerator):
+    """Check the chunked head against the model's own logits on the first tokens of a training sample.
+
+    Runs under the training autocast, so it compares the numbers training will compute.
+    """
+    from students.head import HEAD_CHECK_TOKENS, check_head
+
+    ids = sample["input_ids"][:HEAD_CHECK_TOKENS].to(accelerator.device)
+    with accelerator.autocast():
+        return check_head(model, ids)
 
 
 # ---- optimizer ----------------------------------------------------------------------------------
@@ -423,6 +441,12 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    # Before the first step: train through the chunked head only if it reproduces the model's logits.
+    head_check = check_student_head(unwrapped, dataset[train_idx[0]], accelerator)
+    if accelerator.is_main_process:
+        print(head_check.message(), file=sys.stderr, flush=True)
+        atomic_write_json(out / RUN_FILE, {**json.loads((out / RUN_FILE).read_text()), "head": head_check.to_dict()},
+                          indent=1, sort_keys=True)
 
     metrics_path = out / METRICS_FILE
     step, epoch, batch_index = 0, 0, 0
@@ -444,7 +468,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
 
         sub = _Subset(dataset, eval_idx)
         res = evaluate_on_cache(unwrapped, tokenizer, sub, batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size, progress=False)
+                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size, progress=False,
+                                full_logits=head_check.full_logits)
         rec = {"kind": "eval", "step": at_step, "eval_kl": res["kl"], "eval_top1_agreement": res["top1_agreement"],
                "eval_tokens": res["tokens"]}
         if accelerator.is_main_process:
@@ -482,7 +507,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
             ctx = accelerator.no_sync(model) if (world > 1 and bi < len(mine) - 1) else _nullcontext()
             with ctx:
                 with accelerator.autocast():
-                    sums = batch_loss_sums(model, b, loss_cfg)
+                    sums = batch_loss_sums(model, b, loss_cfg, full_logits=head_check.full_logits)
                 # DDP averages gradients over processes; the global normaliser already counts them all.
                 loss = combine_loss(sums, denom, loss_cfg) * world
                 accelerator.backward(loss)
@@ -522,7 +547,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     last_eval = run_eval(step) or last_eval
     elapsed = time.perf_counter() - t_start
     summary = {
-        "steps": step, "total_steps": total_steps, "epoch": epoch, "optimizer": opt_kind,
+        "steps": step, "total_steps": total_steps, "epoch": epoch, "optimizer": opt_kind, "head_path": head_check.path,
         "initial_eval_kl": next((r["eval_kl"] for r in read_metrics(out) if r.get("kind") == "eval" and r["step"] == 0), None),
         "final_eval_kl": last_eval["eval_kl"] if last_eval else None,
         "final_top1_agreement": last_eval["eval_top1_agreement"] if last_eval else None,

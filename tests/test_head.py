@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.testing import tiny_llama, tiny_tokenizer
-from students.head import model_hidden_and_head, unwrap_causal_lm, verify_head
+from distill.losses import KDLossConfig, distillation_loss_sums
+from distill.testing import tiny_gemma4_multimodal, tiny_llama, tiny_tokenizer
+from students.head import (CHUNKED_HEAD, FULL_LOGITS, LogitsHead, check_head, model_hidden_and_head, rows_and_head,
+                           unwrap_causal_lm, verify_head)
 
 V = 320
 
@@ -85,6 +87,82 @@ def test_granite_and_cohere_scaling_are_applied():
             ref = _logits(model, ids, mask)
             assert torch.equal(head(hidden), ref)
             assert not torch.allclose(model.get_output_embeddings()(hidden), ref)
+
+
+def test_softcap_kept_in_the_text_config_is_applied():
+    """Gemma-3n/4 multimodal: the cap is in config.get_text_config() only; the head must still apply it."""
+    model = tiny_gemma4_multimodal(V)
+    assert getattr(model.config, "final_logit_softcapping", None) is None
+    assert model.config.get_text_config().final_logit_softcapping == 2.0
+    ids, mask = _inputs(6)
+    with torch.no_grad():
+        hidden, head = model_hidden_and_head(model, ids, mask)
+        ref = _logits(model, ids, mask)
+        assert ref.abs().max() <= 2.0
+        assert (model.get_output_embeddings()(hidden) - ref).abs().max() > 1.0  # uncapped would be far off
+        assert torch.equal(head(hidden), ref)
+    assert verify_head(model, ids, mask) == 0.0
+    check = check_head(model, ids[0])
+    assert check.path == CHUNKED_HEAD and check.max_abs_diff == 0.0 and check.tokens == ids.shape[1]
+
+
+def _scale_logits(monkeypatch, model, factor=3.0):
+    """Make the model's forward scale its logits: post-processing that ModelHead does not know."""
+    original = type(model).forward
+
+    def forward_scaled(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * factor
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward_scaled)
+
+
+def test_check_head_falls_back_to_the_models_own_logits(monkeypatch):
+    model = tiny_llama(tiny_tokenizer())
+    model.train()
+    ids, mask = _inputs(7)
+    assert check_head(model, ids, mask).path == CHUNKED_HEAD
+    _scale_logits(monkeypatch, model)
+    check = check_head(model, ids, mask)
+    assert check.path == FULL_LOGITS and check.full_logits and check.max_abs_diff > check.tolerance
+    assert "differs from the model's logits" in check.reason
+    assert "warning: head check failed" in check.message() and "full logits" in check.message()
+    assert model.training  # the check ran in eval mode and put the model back
+    with torch.no_grad():
+        rows, head = rows_and_head(model, {"input_ids": ids, "attention_mask": mask}, full_logits=True)
+        assert isinstance(head, LogitsHead) and head.width == V
+        assert torch.equal(head(rows), _logits(model, ids, mask))
+
+
+def test_full_logits_rows_give_the_chunked_heads_loss_and_gradients():
+    """Logits rows + identity head through the chunked, checkpointed loss = hidden rows + ModelHead,
+    values and gradients, with logits wider than the tokenizer."""
+    tok = tiny_tokenizer()
+    ids, mask = _inputs(8, b=2, t=12)
+    g = torch.Generator().manual_seed(8)
+    targets = torch.randint(0, V, ids.shape, generator=g)
+    targets[:, :3] = -100
+    targets[mask == 0] = -100
+    topk_ids = torch.randint(0, V, (*ids.shape, 4), generator=g)
+    topk_lp = torch.log_softmax(torch.randn(*ids.shape, 4, generator=g), -1) - 0.5
+    cfg = KDLossConfig(kind="forward-kl", vocab_size=V, chunk_size=5, ce_weight=0.5)  # several chunks
+    results = []
+    for full in (False, True):
+        model = tiny_llama(tok, pad_vocab_to=V + 64)
+        model.train()
+        rows, head = rows_and_head(model, {"input_ids": ids, "attention_mask": mask}, full_logits=full)
+        sums = distillation_loss_sums(rows, head, targets, topk_ids, topk_lp, cfg)
+        (sums.kd + sums.ce).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((sums, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.kd, b.kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.ce, b.ce, rtol=1e-5, atol=1e-6)
+    assert a.n_tokens == b.n_tokens > 5 and int(a.top1_agree) == int(b.top1_agree)
+    assert ga.keys() == gb.keys() and len(ga) > 5
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
 
 
 def test_verify_head_refuses_unknown_logit_postprocessing(monkeypatch):

@@ -96,3 +96,100 @@ def test_chat_mask_is_final_assistant_turn(tiny_tok):
 def test_text_trains_every_token(tiny_tok):
     ids, mask = encode_record(tiny_tok, {"text": "0 1 2 3"})
     assert len(ids) > 0 and mask == [1] * len(ids)
+
+
+# ---- prompt and completion are tokenized as one text -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sp_llama(tmp_path_factory):
+    """(fast, slow, processor): a Llama-2-style SentencePiece BPE model trained here (identity normalisation,
+    byte fallback, split digits, dummy "▁" prefix), as the fast `LlamaTokenizer` with legacy=True and as a
+    slow SentencePiece tokenizer without offsets. No protobuf needed: vocab and merges come from the
+    processor, as transformers' own converter takes them."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from distill.testing import _CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 4), model_writer=buf, vocab_size=400, model_type="bpe", unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+    fast = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), legacy=True, add_prefix_space=True,
+                          add_bos_token=True)
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    slow = SentencePieceBackend(vocab_file=str(path), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert fast.is_fast and not slow.is_fast
+    text = "Question: what is 15 minus 8?\nThe answer is 7."
+    assert fast(text)["input_ids"] == [fast.bos_token_id] + sp.encode(text) and slow(text)["input_ids"] == sp.encode(text)
+    return fast, slow, sp
+
+
+def _split(tok, ids, mask):
+    return tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if not m]), tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m])
+
+
+@pytest.mark.parametrize("prompt,completion,differs", [
+    ("Question: what is 15 minus 8?\n", "The answer is 7.", ("fast", "slow")),  # alone: "The" -> "▁The"
+    ("The answer is", " 7.", ("slow",)),  # alone: " 7." -> "▁▁7." (the fast Metaspace does not double it)
+])
+def test_sentencepiece_completion_is_tokenized_with_its_prompt(sp_llama, prompt, completion, differs):
+    fast, slow, _ = sp_llama
+    for name, tok in (("fast", fast), ("slow", slow)):
+        full = tok(prompt + completion)["input_ids"]
+        alone = tok(prompt)["input_ids"]
+        separate = alone + tok(completion, add_special_tokens=False)["input_ids"]
+        assert (separate != full) == (name in differs)  # the legacy prefix space: the defect guarded against
+        ids, mask = encode_record(tok, {"prompt": prompt, "completion": completion})
+        assert ids == full + [tok.eos_token_id]
+        assert full[: len(alone)] == alone  # the prompt ends at a token boundary here
+        assert mask == [0] * len(alone) + [1] * (len(ids) - len(alone))
+    assert encode_record(slow, {"prompt": prompt, "completion": completion})[1] == \
+        encode_record(fast, {"prompt": prompt, "completion": completion})[1][1:]  # fast adds BOS, slow does not
+
+
+@pytest.mark.parametrize("prompt,completion", [
+    ("Sara reads 20 pages each nig", "ht."),    # the prompt ends inside a word
+    ("Sara reads 20 pages each ", "night."),    # the prompt ends with a space that "▁night" absorbs
+])
+def test_straddling_token_is_a_completion_token(sp_llama, tiny_tok, prompt, completion):
+    fast, slow, _ = sp_llama
+    for tok in (fast, tiny_tok):
+        enc = tok(prompt + completion, return_offsets_mapping=True)
+        spans = enc["offset_mapping"]
+        ids, mask = encode_record(tok, {"prompt": prompt, "completion": completion})
+        assert ids == enc["input_ids"] + [tok.eos_token_id]
+        first = mask.index(1)
+        assert mask == [0] * first + [1] * (len(ids) - first)
+        straddles = spans[first][0] < len(prompt) < spans[first][1]
+        # the token holding the prompt's last characters and the completion's first is trained
+        assert straddles or (tok is tiny_tok and completion == "night.")  # byte-level BPE splits before " "
+        assert all(end <= len(prompt) for _, end in spans[:first])
+        if straddles:
+            assert tok.convert_ids_to_tokens(ids[first]) in ("▁night", "nigh")
+    # slow tokenizer (no offsets): the completion starts where the prompt alone and the joint text differ
+    slow_ids, slow_mask = encode_record(slow, {"prompt": prompt, "completion": completion})
+    fast_ids, fast_mask = encode_record(fast, {"prompt": prompt, "completion": completion})
+    assert slow_ids == fast_ids[1:] and slow_mask == fast_mask[1:]  # fast adds BOS, slow does not
+
+
+def test_sentencepiece_chat_turn_is_tokenized_with_its_template(sp_llama):
+    fast, _, _ = sp_llama
+    fast.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                          "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    msgs = [{"role": "user", "content": "what is 15 minus 8?"}, {"role": "assistant", "content": "The answer is 7."}]
+    ids, mask = encode_record(fast, {"messages": msgs})
+    full = fast.apply_chat_template(msgs, tokenize=False)
+    assert ids == fast(full, add_special_tokens=False)["input_ids"]
+    _, trained = _split(fast, ids, mask)
+    assert "".join(trained).replace("▁", " ") == "The answer is 7."  # alone it would be "▁The answer ..."

@@ -202,3 +202,68 @@ def test_padded_vocab_student_trains_with_extra_columns_masked(kd_pair, tmp_path
     recs = [m for m in read_metrics(out) if m["kind"] == "train"]
     assert all(math.isfinite(r["loss"]) and r["kl"] < 20 for r in recs)
     assert math.isfinite(summary["final_eval_kl"]) and summary["final_eval_kl"] < 20
+
+
+def _heldout(kd_pair, eval_fraction=0.2, seed=0):
+    """The trainer's held-out samples of the kd_pair cache, and the student's tokenizer."""
+    from distill.cache.reader import CacheDataset, split_indices
+    from students.model import load_tokenizer
+    from students.train import open_cache
+
+    tok = load_tokenizer(str(kd_pair[1]))
+    reader, manifest = open_cache(kd_pair[2], tok)
+    _, eval_idx = split_indices(len(reader), eval_fraction, seed=seed)
+    return CacheDataset(reader, eval_idx), tok, int(manifest.pad_id)
+
+
+def test_failed_head_check_trains_on_the_models_own_logits(kd_pair, tmp_path, monkeypatch, capsys):
+    """A student whose forward scales its logits (post-processing the chunked head does not know) is
+    trained and evaluated on its own full logits, and the user is told so."""
+    from transformers import LlamaForCausalLM
+
+    from students.evaluate import evaluate_on_cache
+
+    original = LlamaForCausalLM.forward
+
+    def forward_scaled(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 10.0
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward_scaled)
+    out = tmp_path / "run"
+    summary = train(_cfg(kd_pair, out, steps=2, eval_every=100))
+    err = capsys.readouterr().err
+    assert "warning: head check failed (head(hidden) differs from the model's logits" in err
+    assert "uses the model's full logits instead" in err
+    head = json.loads((out / "run.json").read_text())["head"]
+    assert head["path"] == "full-logits" and head["max_abs_diff"] > head["tolerance"] and head["tokens"] > 0
+    assert summary["head_path"] == "full-logits"
+    # The step-0 held-out KL (LoRA B = 0: the base model) is that of the model's own scaled logits.
+    data, tok, pad_id = _heldout(kd_pair)
+    base = LlamaForCausalLM.from_pretrained(str(kd_pair[1])).eval()
+    full = evaluate_on_cache(base, tok, data, pad_id=pad_id, full_logits=True)
+    chunked = evaluate_on_cache(base, tok, data, pad_id=pad_id, full_logits=False)
+    assert summary["initial_eval_kl"] == pytest.approx(full["kl"], rel=1e-4)
+    assert abs(full["kl"] - chunked["kl"]) > 0.1
+    assert evaluate_on_cache(base, tok, data, pad_id=pad_id)["head_path"] == "full-logits"  # checks by itself
+    # the recorded check is an outcome, not a setting: --resume of the same run is not refused
+    assert train(_cfg(kd_pair, out, steps=2, eval_every=100, resume=True))["head_path"] == "full-logits"
+
+
+def test_multimodal_gemma_student_passes_the_head_check(kd_pair, tmp_path, capsys):
+    """Gemma-4 ForConditionalGeneration keeps its logit soft-cap in the text config: the head check must
+    pass (the chunked head applies the cap) and training run through the chunked head."""
+    from distill.testing import tiny_gemma4_multimodal, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    student = tmp_path / "gemma"
+    tiny_gemma4_multimodal(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).save_pretrained(student)
+    tok.save_pretrained(student)
+    out = tmp_path / "run"
+    summary = train(_cfg(kd_pair, out, student=str(student), steps=2, eval_every=100))
+    err = capsys.readouterr().err
+    assert "head check: the chunked head matches the model's own logits" in err and "warning" not in err
+    head = json.loads((out / "run.json").read_text())["head"]
+    assert head["path"] == "chunked-head" and head["max_abs_diff"] <= 1e-5
+    assert summary["head_path"] == "chunked-head" and summary["final_eval_kl"] == summary["final_eval_kl"]  # not NaN

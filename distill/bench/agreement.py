@@ -13,7 +13,9 @@ the target the student was distilled towards (for greedy-generated traces the tw
 pass also counts top-1 agreement itself, which tests compare with `evaluate_on_cache`.
 
 Logits are never built for the whole [B, T, V] batch: only the trained positions' final hidden
-states go through the head (`students.head.model_hidden_and_head`), a chunk of rows at a time.
+states go through the head (`students.head.rows_and_head`), a chunk of rows at a time, unless the
+head check (`students.head.check_head`) finds that the chunked head does not reproduce the model's
+logits: then the model's own logits are used, as in `evaluate_on_cache`.
 Columns past the tokenizer length (padded embeddings) get -inf before any softmax.
 """
 
@@ -42,7 +44,7 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
 
     from distill.cache.reader import CacheDataset, collate
 
-    from students.head import model_hidden_and_head
+    from students.head import HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     indices = list(range(len(reader)))[: max_samples or None]
     loader = torch.utils.data.DataLoader(CacheDataset(reader, indices), batch_size=batch_size,
@@ -52,10 +54,11 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
     agree = 0.0
     tokens = 0
     model.eval()
+    full_logits = bool(indices) and check_head(model, reader[indices[0]]["input_ids"][:HEAD_CHECK_TOKENS].to(device)).full_logits
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden, head = model_hidden_and_head(model, batch)
+            hidden, head = rows_and_head(model, batch, full_logits=full_logits)
             valid = batch["targets"] != -100
             if not bool(valid.any()):
                 continue

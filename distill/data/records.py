@@ -176,13 +176,52 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _split_joint(tokenizer, prompt: str, full: str, *, special: bool) -> tuple[list[int], int]:
+    """(ids of `full` tokenized once, number of leading prompt tokens); `full` starts with `prompt`.
+
+    Fast tokenizers: the first token whose character span ends past len(prompt) starts the completion,
+    so a token that straddles the boundary is a completion token. Slow tokenizers (no offsets): the
+    prompt tokenized alone is compared with the joint ids and the completion starts at the first token
+    where they differ (equal to the offset rule unless the tokenizer's choices depend on later text).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=special, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+        return ids, n_prompt
+    ids = _encode(tokenizer, full, special=special)
+    alone = _encode(tokenizer, prompt, special=special)
+    n_prompt = 0
+    while n_prompt < min(len(ids), len(alone)) and ids[n_prompt] == alone[n_prompt]:
+        n_prompt += 1
+    return ids, n_prompt
+
+
 def encode_record(tokenizer, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """Untruncated (input_ids, loss_mask) of a normalised record; loss_mask 1 = trained (completion) token.
 
-    prompt+completion: prompt with the tokenizer's special tokens (BOS if it has one), completion without,
+    The prompt and the completion are tokenized TOGETHER, as one text, and the loss mask is split at
+    the prompt's character length. Tokenizing them separately (the obvious way) is wrong for
+    SentencePiece tokenizers that prepend a space marker to every call (Llama-2, Mistral, Gemma in
+    legacy mode): the completion's first token would get a "▁" that the model never produces after
+    that prompt, and the trained ids would not be the ids of the text. Joint tokenization gives the
+    ids of the text exactly as a model reads (and would have written) it.
+
+    A token that straddles the boundary (the prompt ends inside it, e.g. "... is 1" + "20 apples" ->
+    " 120") is a COMPLETION token: it is trained and is not context. Making it context would put
+    part of the answer into what the student conditions on and never teach it to write that part;
+    as a completion token, every completion character is trained and no completion character is
+    ever seen as input. The price is that the trained context lacks the prompt's last characters
+    (inside the straddling token) while at inference the prompt, tokenized alone, ends with them; end
+    prompts at a natural token boundary (no trailing space; start the completion with the space)
+    and the two agree.
+
+    prompt+completion: special tokens as the tokenizer adds them to one text (BOS if it has one),
     then EOS appended (so the student learns to stop) unless the completion already ends with it.
-    messages: prompt = chat template of all but the last turn with the generation prompt; the completion
-    is the rest of the full templated conversation. text: all tokens trained.
+    messages: the prompt is the chat template of all but the last turn with the generation prompt;
+    the completion is the rest of the full templated conversation (no special tokens added: the
+    template writes them). text: all tokens trained. Slow tokenizers without offsets: see
+    `_split_joint`.
     """
     if "messages" in record:
         msgs = record["messages"]
@@ -192,16 +231,15 @@ def encode_record(tokenizer, record: Mapping[str, Any]) -> tuple[list[int], list
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
         if not full.startswith(prompt):
             raise DistillError("the chat template renders the conversation differently from its prompt; cannot find the final assistant turn")
-        p = _encode(tokenizer, prompt, special=False)
-        c = _encode(tokenizer, full[len(prompt):], special=False)
-        return p + c, [0] * len(p) + [1] * len(c)
+        ids, n_prompt = _split_joint(tokenizer, prompt, full, special=False)
+        return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
     if "prompt" in record:
-        p = _encode(tokenizer, record["prompt"], special=True)
-        c = _encode(tokenizer, record["completion"], special=False)
+        prompt = record["prompt"]
+        ids, n_prompt = _split_joint(tokenizer, prompt, prompt + record["completion"], special=True)
         eos = tokenizer.eos_token_id
-        if eos is not None and (not c or c[-1] != eos):
-            c.append(eos)
-        return p + c, [0] * len(p) + [1] * len(c)
+        if eos is not None and (len(ids) == n_prompt or ids[-1] != eos):
+            ids.append(eos)
+        return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
     if "text" in record:
         ids = _encode(tokenizer, record["text"], special=True)
         return ids, [1] * len(ids)
