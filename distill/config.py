@@ -67,7 +67,7 @@ class CacheSection:
     top_k: int = 64
     temperature: float = 1.0
     max_length: int = 512
-    dtype: str = "bf16"  # fp16 | bf16
+    dtype: str = "fp16"  # fp16 (default: 2^-11 relative rounding of the log-probs) | bf16 (2^-8, same size)
     batch_size: int = 8
 
 
@@ -86,7 +86,8 @@ class StudentSection:
 @dataclass
 class TrainSection:
     loss: str = "forward-kl"  # forward-kl | forward-kl-renorm | reverse-kl | jsd
-    temperature: float = 1.0
+    temperature: float = 0.0  # 0 = the cache's (cache.temperature); another value needs retemper_tail
+    retemper_tail: str = ""  # "" = refuse a temperature other than the cache's; uniform | bucket
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     steps: int = 100
@@ -144,13 +145,14 @@ CHOICES = {
     "cache.dtype": {"fp16", "bf16"},
     "student.quant": {"nf4", "int8", "none"},
     "train.loss": {"forward-kl", "forward-kl-renorm", "reverse-kl", "jsd"},
+    "train.retemper_tail": {"", "uniform", "bucket"},
     "export.format": {"merged", "bnb-4bit"},
     "export.dtype": {"bf16", "fp16", "fp32"},
 }
 POSITIVE = {
     "data.eval_limit", "generate.samples", "generate.max_new_tokens", "generate.batch_size",
     "cache.top_k", "cache.max_length", "cache.batch_size", "cache.temperature", "student.lora_r",
-    "train.temperature", "train.batch_size", "train.grad_accum", "train.lr", "bench.limit",
+    "train.batch_size", "train.grad_accum", "train.lr", "bench.limit",
     "bench.samples", "bench.max_new_tokens",
 }
 PATH_KEYS = {"run.dir", "teacher.gguf", "data.path"}
@@ -193,6 +195,15 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> RunConfig:
     for key, value in (("data.limit", config.data.limit), ("train.steps", config.train.steps)):
         if value < 0:
             raise DistillError(f"config key '{key}' must be >= 0, got {value}")
+    t_train, t_cache = config.train.temperature, config.cache.temperature
+    if t_train < 0:
+        raise DistillError(f"config key 'train.temperature' must be > 0, or 0 for the cache's, got {t_train}")
+    if t_train and abs(t_train - t_cache) > 1e-9 * t_cache and not config.train.retemper_tail:
+        raise DistillError(
+            f"config key 'train.temperature' ({t_train:g}) differs from cache.temperature ({t_cache:g}): the teacher's "
+            "tail can only be re-tempered approximately; set it to 0 (the cache's), or set train.retemper_tail "
+            "= 'uniform' (recommended) or 'bucket' to accept the approximation"
+        )
     if not 0.0 < config.train.eval_fraction < 1.0:
         raise DistillError(f"config key 'train.eval_fraction' must be between 0 and 1, got {config.train.eval_fraction}")
     if config.train.kd_weight < 0 or config.train.ce_weight < 0 or config.train.kd_weight + config.train.ce_weight == 0:

@@ -13,10 +13,13 @@ Every rule below is a bug that shipped in another tool (DESIGN.md section 4):
 * The default divergence is forward KL over the k cached tokens PLUS one tail bucket holding the
   rest of the vocabulary. Renormalising over the k tokens ("forward-kl-renorm") is offered by name
   only: at k = 1 it is identically zero, so it teaches nothing about confidence.
-* The reported `kl_sum` is a true KL (zero when student and teacher agree), never cross-entropy.
+* The reported `kl_sum` is a true KL (zero when student and teacher agree), never cross-entropy,
+  taken at the cache temperature (student logits / T_store against the teacher as stored), so that a
+  student identical to the teacher reports 0 whatever T_store and T_train.
 * Teacher log-probs cached at `T_store` are re-tempered to the training temperature `T_train` as
   p^(T_store/T_train), renormalised; the KD term is multiplied by T_train^2 so that its gradient
-  scale does not shrink as the temperature grows.
+  scale does not shrink as the temperature grows. The trainer refuses T_train != T_store unless the
+  user accepts the tail approximation below by naming a tail rule.
 * Returned values are SUMS over valid tokens; the trainer divides by the number of valid tokens in
   the whole optimizer step (all micro-batches) through `combine_loss`, the one place where KD and CE
   are mixed. Both terms stay in the backward pass.
@@ -39,15 +42,41 @@ logsumexp over the NON-cached columns minus the full logsumexp (the cached colum
 student puts nearly all its mass on the cached tokens, and the clamp zeroes exactly the gradient that
 should move mass back into the tail; the masked logsumexp has no cancellation and no clamp.
 
-Temperature and the tail: re-tempering p^(a) with a = T_store/T_train is exact for the k cached
-tokens, but the tail is one number standing for many tokens whose individual probabilities are
-unknown. We re-temper the tail as if it were ONE outcome: p_tail^a. This is exact when a = 1
-(T_train == T_store, the recommended setting). For T_train > T_store (a < 1) the true re-tempered
-tail mass sum_j p_j^a is larger than p_tail^a (the bucket under-states the tail, at most by a factor
-(V-k)^(1-a), reached only by a perfectly flat tail); for T_train < T_store it is smaller. Assuming a
-flat tail instead would blow the tail up by (V-k)^(1-a) (~200x at V=262k, a=0.5), which is far
-worse for the peaked, Zipf-like tails of real language models. Cache at the temperature you train
-at when you can.
+Empty student tail: when the k cached ids cover every column the student can put mass on (k at the
+vocabulary size; the cache builder refuses it, hand-made caches may not), the teacher's true tail is
+exactly 0 and any computed p_tail is rounding of the stored values (~1e-4 in fp16). Such a tail
+cannot be matched (forward KL would be infinite), so it is dropped for those rows and the teacher's k
+outcomes renormalised.
+
+Temperature and the tail: re-tempering p^a with a = T_store/T_train is exact for the k cached
+tokens, but the tail is one number standing for V - k tokens whose individual probabilities are
+unknown. Two rules (`KDLossConfig.tail_rule`), both exact when a = 1 (T_train == T_store):
+
+* "uniform" (default): the tail spread evenly over the V - k uncached tokens, re-tempered token by
+  token: (V-k) * (p_tail/(V-k))^a = p_tail^a * (V-k)^(1-a).
+* "bucket": the tail re-tempered as ONE outcome, p_tail^a.
+
+The true tempered tail sum_j p_j^a lies between them (for a < 1 bucket is the lower bound, uniform the
+upper; for a > 1 the other way round), and uniform measures far closer on both Zipf-shaped and real
+next-token distributions: KL(true tempered teacher || target) per position, k = 64, V = 49,152,
+T_store = 1 (benchmarks/bench_retemper_tail.py):
+
+    distribution            T_train   uniform    bucket
+    Zipf s=1.1 (tail 0.44)    0.5      0.0088    2.03
+                              2        0.0027    1.83
+    Zipf s=1.5 (tail 0.09)    0.5      0.0004    0.046
+                              2        0.033     2.04
+    Zipf s=2.0 (tail 0.009)   0.5      0.000005  0.0002
+                              2        0.21      1.47
+    SmolLM2-135M, 251 pos.    0.5      0.0024    0.107
+      (mean tail 0.047)       2        0.166     1.40
+
+(SmolLM2: next-token distributions along four short texts; one more position has a stored tail below
+TAIL_EPS, which both rules drop.)
+
+The uniform factor (V-k)^(1-a) is large (~500x at V = 262k, a = 0.5), but the tails of real language
+models are long and flat enough that it is the better guess. Cache at the temperature you train at
+when you can: the trainer refuses another one unless a rule is named (`--retemper-tail`).
 
 Reverse KL and JSD
 ------------------
@@ -79,6 +108,8 @@ _AUTO_CHUNK_ELEMENTS = 1 << 26
 _MAX_AUTO_CHUNK_ROWS = 1024
 
 LOSS_KINDS = ("forward-kl", "forward-kl-renorm", "reverse-kl", "jsd")
+# How the teacher's tail bucket is re-tempered when T_train != T_store (see "Temperature and the tail").
+TAIL_RULES = ("uniform", "bucket")
 
 
 @dataclass
@@ -89,6 +120,10 @@ class KDLossConfig:
         "reverse-kl" or "jsd" (both approximations over the cached support + tail).
     temperature: training temperature T_train (student logits / T, teacher re-tempered, KD * T^2).
     cache_temperature: T_store, the temperature at which the cache was written (from its manifest).
+    tail_rule: how the teacher's tail is re-tempered when T_train != T_store (an approximation either
+        way; the module docstring has the measurement): "uniform" spreads p_tail evenly over the V - k
+        uncached tokens, (V-k) * (p_tail/(V-k))^a; "bucket" treats it as one token, p_tail^a. Both are
+        exact when T_train == T_store. V is `vocab_size` (else the logits width).
     beta: JSD mixing weight, strictly between 0 and 1.
     vocab_size: the real tokenizer length; logit columns >= it are -inf. None: all columns are real.
     chunk_size: rows of logits per chunk; None picks min(1024, 2**26 // V) rows (<= 256 MiB fp32).
@@ -102,10 +137,13 @@ class KDLossConfig:
     chunk_size: int | None = None
     kd_weight: float = 1.0
     ce_weight: float = 0.0
+    tail_rule: str = "uniform"
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise DistillError(f"unknown loss kind {self.kind!r}; choose one of {', '.join(LOSS_KINDS)}")
+        if self.tail_rule not in TAIL_RULES:
+            raise DistillError(f"unknown tail rule {self.tail_rule!r}; choose one of {', '.join(TAIL_RULES)}")
         for name in ("temperature", "cache_temperature"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -137,8 +175,8 @@ class LossSums:
     """Sums over the valid tokens of one micro-batch.
 
     kd: differentiable KD sum (already multiplied by T_train^2). ce: differentiable CE sum at T=1.
-    n_tokens: number of valid tokens. kl_sum: detached true forward KL (student at T=1 vs the teacher
-    as stored, top-k + tail), for logging and eval. top1_agree: detached count of tokens where the
+    n_tokens: number of valid tokens. kl_sum: detached true forward KL at the cache temperature
+    (student logits / T_store vs the teacher as stored, top-k + tail), for logging and eval. top1_agree: detached count of tokens where the
     student's argmax equals the teacher's top-1 id.
     """
 
@@ -195,7 +233,8 @@ def _masked_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor
 
 
 def _student_sparse(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor):
-    """Student log-probs at the cached ids [C,k] and of the tail bucket [C] (exact, see module doc)."""
+    """Student log-probs at the cached ids [C,k], of the tail bucket [C] (exact, see module doc), and a
+    [C] bool mask of the rows whose tail is not empty (some column outside the cache can hold mass)."""
     lq = s.gather(1, ids) - lse[:, None]
     rest = s.scatter(1, ids, float("-inf"))
     with torch.no_grad():
@@ -203,16 +242,20 @@ def _student_sparse(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor):
     # Rows whose tail is empty (k covers the vocabulary) get a dummy finite row: logsumexp of an
     # all -inf row has a NaN gradient, which a later where() would not remove.
     if bool(has_tail.all()):
-        return lq, torch.logsumexp(rest, dim=1) - lse
+        return lq, torch.logsumexp(rest, dim=1) - lse, has_tail
     rest = torch.where(has_tail[:, None], rest, 0.0)
     lq_tail = torch.where(has_tail, torch.logsumexp(rest, dim=1) - lse, float("-inf"))
-    return lq, lq_tail
+    return lq, lq_tail, has_tail
 
 
-def _teacher_sparse(lp: torch.Tensor, a: float, *, floor: bool = False):
+def _teacher_sparse(lp: torch.Tensor, a: float, *, floor: bool = False, tail_rule: str = "uniform",
+                    n_tail: int = 1, has_tail: torch.Tensor | None = None):
     """Teacher log-probs over cached ids + tail, re-tempered by exponent a and renormalised.
 
-    `lp` are stored log-probs normalised over the full vocabulary. Returns (lt [C,k], lt_tail [C]).
+    `lp` are stored log-probs normalised over the full vocabulary. `n_tail` is the number of
+    uncached tokens V - k (used by the "uniform" tail rule). `has_tail` [C] marks the rows where the
+    student's tail is not empty; elsewhere the cached ids cover the vocabulary, so the teacher's tail
+    is rounding error of the stored values and is dropped (see module doc). Returns (lt [C,k], lt_tail [C]).
     """
     lp = lp.float()
     total = torch.logsumexp(lp, dim=1)
@@ -222,7 +265,13 @@ def _teacher_sparse(lp: torch.Tensor, a: float, *, floor: bool = False):
         lp = torch.clamp(lp, min=_LOG_TAIL_EPS)
     else:
         log_tail = torch.where(p_tail > TAIL_EPS, torch.log(torch.clamp(p_tail, min=TAIL_EPS)), float("-inf"))
-    joint = torch.cat([a * lp, (a * log_tail)[:, None]], dim=1)
+    if has_tail is not None:
+        log_tail = torch.where(has_tail, log_tail, float("-inf"))
+    tail = a * log_tail
+    if tail_rule == "uniform" and a != 1.0 and n_tail > 1:
+        # (V-k) * (p_tail / (V-k))^a = p_tail^a * (V-k)^(1-a)
+        tail = tail + (1.0 - a) * math.log(n_tail)
+    joint = torch.cat([a * lp, tail[:, None]], dim=1)
     joint = joint - torch.logsumexp(joint, dim=1, keepdim=True)
     return joint[:, :-1], joint[:, -1]
 
@@ -270,7 +319,9 @@ def _chunk_terms(head, config: KDLossConfig, h, tgt, ids, lp, stats_out: list | 
     """KD and CE sums of one chunk; optionally appends detached (kl_sum, top1) stats to stats_out."""
     z = _masked_logits(head(h), config.vocab_size)  # [C, V] at T = 1 (raw, model-scaled)
     T = float(config.temperature)
-    a = float(config.cache_temperature) / T
+    T_store = float(config.cache_temperature)
+    a = T_store / T
+    n_tail = max(1, (config.vocab_size or z.shape[-1]) - ids.shape[1])
     lse1 = torch.logsumexp(z, dim=1)
     ce = (lse1 - z.gather(1, tgt[:, None]).squeeze(1)).sum()
 
@@ -282,17 +333,22 @@ def _chunk_terms(head, config: KDLossConfig, h, tgt, ids, lp, stats_out: list | 
     if config.kind == "forward-kl-renorm":
         lt, lt_tail, lq, lq_tail = _renorm_pair(lp, a, s, ids)
     else:
-        lq, lq_tail = _student_sparse(s, lse, ids)
-        lt, lt_tail = _teacher_sparse(lp, a, floor=config.kind == "reverse-kl")
+        lq, lq_tail, has_tail = _student_sparse(s, lse, ids)
+        lt, lt_tail = _teacher_sparse(lp, a, floor=config.kind == "reverse-kl", tail_rule=config.tail_rule,
+                                      n_tail=n_tail, has_tail=has_tail)
     kd = _divergence(config.kind, lt, lt_tail, lq, lq_tail, config.beta).sum() * (T * T)
 
     if stats_out is not None:
         with torch.no_grad():
-            if T == 1.0 and a == 1.0 and config.kind == "forward-kl":
-                kl = kd.detach()
+            # The reported KL is taken at the cache temperature: student logits / T_store against the
+            # teacher as stored. (Student at T=1 against a teacher stored at T_store != 1 would not be
+            # zero even for a student identical to the teacher.)
+            if T == T_store and config.kind == "forward-kl":
+                kl = kd.detach() / (T * T)
             else:
-                lq1, lq1_tail = _student_sparse(z, lse1, ids)
-                lt1, lt1_tail = _teacher_sparse(lp, 1.0)
+                s_store = z if T_store == 1.0 else z / T_store
+                lq1, lq1_tail, has_tail1 = _student_sparse(s_store, torch.logsumexp(s_store, dim=1), ids)
+                lt1, lt1_tail = _teacher_sparse(lp, 1.0, has_tail=has_tail1)
                 kl = _divergence("forward-kl", lt1, lt1_tail, lq1, lq1_tail, 0.5).sum()
             top1 = (z.argmax(dim=1) == ids[:, 0]).sum()
             stats_out.append((kl.detach(), top1))

@@ -4,8 +4,10 @@ Both are computed on trained positions only, chunk by chunk over rows of final h
 [B,T,V] logits are never built), with the student's logits columns past the tokenizer length at -inf.
 
 KL is the forward KL over the teacher's cached top-k plus one tail bucket, at the cache temperature
-(the stored log-probs as they are, student at T=1): the same quantity as the default training loss
-at T=1 and zero exactly when the student matches the teacher on the cached support and the tail mass.
+T_store: the stored log-probs as they are against the student's logits divided by T_store. It is zero
+exactly when the student matches the teacher on the cached support and the tail mass, whatever T_store
+(comparing the student at T=1 with a teacher stored at T_store != 1 would report a positive KL for a
+student identical to the teacher). It is the training statistic `kl` of the loss module too.
 Top-1 agreement: the student's argmax equals the teacher's most likely token (`topk_ids[..., 0]`).
 """
 
@@ -19,14 +21,17 @@ import torch
 
 @torch.no_grad()
 def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 8, pad_id: int | None = None,
-                      chunk_size: int = 512, vocab_size: int | None = None, max_samples: int | None = None,
-                      progress: bool = False, device=None, full_logits: bool | None = None) -> dict[str, Any]:
+                      chunk_size: int | None = None, vocab_size: int | None = None, max_samples: int | None = None,
+                      progress: bool = False, device=None, cache_temperature: float | None = None,
+                      full_logits: bool | None = None) -> dict[str, Any]:
     """Mean held-out KL and top-1 agreement over the trained positions of `dataset` (CacheDataset-like).
 
-    `vocab_size` defaults to `len(tokenizer)`; `pad_id` to the tokenizer's pad id. `full_logits`: the
-    logits path (`students.head.check_head`); None checks the head on the first sample here, so a
-    model whose forward the chunked head does not reproduce is scored on its own logits. Returns
-    {"kl", "top1_agreement", "tokens", "samples", "head_path"}.
+    `vocab_size` defaults to `len(tokenizer)`; `pad_id` to the tokenizer's pad id; `chunk_size` (rows
+    of logits per chunk) to the loss module's automatic size; `cache_temperature` to the temperature
+    in the manifest of the cache behind `dataset` (1.0 for samples that come with no manifest).
+    `full_logits`: the logits path (`students.head.check_head`); None checks the head on the first
+    sample here, so a model whose forward the chunked head does not reproduce is scored on its own
+    logits. Returns {"kl", "top1_agreement", "tokens", "samples", "head_path"}.
     """
     from tqdm.auto import tqdm
 
@@ -49,8 +54,11 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
     if full_logits is None and n > 0:
         full_logits = check_head(model, dataset[0]["input_ids"][:HEAD_CHECK_TOKENS].to(device)).full_logits
     head_path = FULL_LOGITS if full_logits else CHUNKED_HEAD
-    # forward-kl at T=1 against the teacher as stored: the loss module's kl_sum / top1_agree stats.
-    cfg = KDLossConfig(kind="forward-kl", temperature=1.0, cache_temperature=1.0, vocab_size=vocab_size, chunk_size=chunk_size)
+    if cache_temperature is None:
+        cache_temperature = dataset_cache_temperature(dataset)
+    T = float(cache_temperature)
+    # forward-kl at T_store against the teacher as stored: the loss module's kl_sum / top1_agree stats.
+    cfg = KDLossConfig(kind="forward-kl", temperature=T, cache_temperature=T, vocab_size=vocab_size, chunk_size=chunk_size)
     kl_sum = torch.zeros((), dtype=torch.float64)
     agree_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
@@ -70,3 +78,16 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
         return {"kl": math.nan, "top1_agreement": math.nan, "tokens": 0, "samples": n, "head_path": head_path}
     return {"kl": float(kl_sum / tokens), "top1_agreement": float(agree_sum / tokens), "tokens": tokens, "samples": n,
             "head_path": head_path}
+
+
+def dataset_cache_temperature(dataset, default: float = 1.0) -> float:
+    """The manifest temperature of the cache behind `dataset`, looking through wrappers that hold the
+    wrapped data set as `.dataset` (subsets, truncation) down to a `CacheDataset`'s reader."""
+    seen = 0
+    while dataset is not None and seen < 16:
+        reader = getattr(dataset, "reader", None)
+        manifest = getattr(reader, "manifest", None) or getattr(dataset, "manifest", None)
+        if manifest is not None:
+            return float(manifest.temperature)
+        dataset, seen = getattr(dataset, "dataset", None), seen + 1
+    return float(default)

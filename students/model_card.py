@@ -42,7 +42,7 @@ distribution (sparse top-k KD), then exported as **{export['format']}** ({export
 | teacher | `{teacher_name}` |
 | student base | `{student.get('path')}` (trained as {student.get('quant')}) |
 | cache | `{cache.get('path')}` (top-{cache.get('k')}, T={cache.get('temperature')}, tokenizer {str(cache.get('tokenizer_fingerprint'))[:23]}...) |
-| loss | {loss.get('name')} at T={loss.get('temperature')}, kd_weight={loss.get('kd_weight')}, ce_weight={loss.get('ce_weight')} |
+| loss | {loss.get('name')} at T={loss.get('temperature')}{', tail re-tempered ' + str(loss.get('tail_rule')) if loss.get('tail_rule') else ''}, kd_weight={loss.get('kd_weight')}, ce_weight={loss.get('ce_weight')} |
 | LoRA | r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets={lora.get('target_modules') or 'all linear'} |
 | steps | {summary.get('steps', 'n/a')} (lr {cfg.get('lr')}, grad_accum {cfg.get('grad_accum')}) |
 | held-out KL to teacher | {_fmt(summary.get('final_eval_kl'))} nats/token over {summary.get('eval_tokens', 'n/a')} tokens |

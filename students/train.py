@@ -57,11 +57,12 @@ class TrainConfig:
     trust_remote_code: bool = False
     # loss
     loss: str = "forward-kl"
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the cache's temperature (its manifest)
+    retemper_tail: str | None = None  # None: refuse a temperature other than the cache's; uniform | bucket
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     jsd_beta: float = 0.5
-    loss_chunk_size: int = 512
+    loss_chunk_size: int | None = None  # None: automatic (distill.losses.KDLossConfig.rows_per_chunk)
     # schedule
     steps: int | None = None
     epochs: float | None = None
@@ -75,7 +76,7 @@ class TrainConfig:
     batch_size: int | None = None
     batch_tokens: int | None = None
     grad_accum: int = 1
-    max_length: int | None = None
+    max_length: int | None = None  # cut every cached sample to this many tokens (and its rows) at training time
     eval_fraction: float = 0.05
     eval_samples: int | None = None
     eval_batch_size: int = 8
@@ -114,8 +115,16 @@ def _validate(cfg: TrainConfig) -> None:
         raise DistillError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}")
     if cfg.grad_accum < 1:
         raise DistillError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
-    if cfg.temperature <= 0:
+    if cfg.temperature is not None and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
         raise DistillError(f"--temperature must be positive, got {cfg.temperature}")
+    from distill.losses import TAIL_RULES
+
+    if cfg.retemper_tail is not None and cfg.retemper_tail not in TAIL_RULES:
+        raise DistillError(f"--retemper-tail {cfg.retemper_tail!r} is unknown; use one of {', '.join(TAIL_RULES)}")
+    if cfg.loss_chunk_size is not None and cfg.loss_chunk_size < 1:
+        raise DistillError(f"--loss-chunk-size must be at least 1, got {cfg.loss_chunk_size}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise DistillError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")
     if cfg.kd_weight < 0 or cfg.ce_weight < 0 or cfg.kd_weight + cfg.ce_weight == 0:
         raise DistillError("--kd-weight and --ce-weight must be >= 0 and not both 0")
     if cfg.lr <= 0:
@@ -299,6 +308,40 @@ def _verify(path: Path) -> None:
         raise DistillError(f"cache {path} fails verification: {errors[0]}; rebuild it with `distill cache build`")
 
 
+def truncate_sample(sample: dict, max_length: int | None) -> dict:
+    """A cached sample cut to its first `max_length` tokens: input_ids and loss_mask, and only the teacher
+    rows of positions t < max_length - 1 (the row of t predicts token t+1, which must still be inside).
+
+    Rows are stored for increasing positions, so the kept rows are a prefix of the sample's rows.
+    """
+    ids = sample["input_ids"]
+    if max_length is None or int(ids.shape[0]) <= max_length:
+        return sample
+    import torch
+
+    positions = sample.get("positions")
+    if positions is None:
+        positions = torch.nonzero(torch.as_tensor(sample["loss_mask"]).bool()[1:]).flatten()
+    n_rows = int((positions < max_length - 1).sum())
+    return {**sample, "input_ids": ids[:max_length], "loss_mask": sample["loss_mask"][:max_length],
+            "positions": positions[:n_rows], "topk_ids": sample["topk_ids"][:n_rows],
+            "topk_logprobs": sample["topk_logprobs"][:n_rows]}
+
+
+class TruncatedDataset:
+    """Every sample of `dataset` cut by `truncate_sample` (training and held-out evaluation alike)."""
+
+    def __init__(self, dataset, max_length: int):
+        self.dataset, self.max_length = dataset, int(max_length)
+        self.lengths = [min(L, self.max_length) for L in sample_lengths(dataset)]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return truncate_sample(self.dataset[i], self.max_length)
+
+
 def sample_lengths(dataset) -> list[int]:
     """Token length of every sample (needed for token-budget batching)."""
     lengths = getattr(dataset, "lengths", None)
@@ -309,13 +352,31 @@ def sample_lengths(dataset) -> list[int]:
 
 # ---- loss glue ----------------------------------------------------------------------------------
 
+def training_temperature(cfg: TrainConfig, cache_temperature: float) -> float:
+    """T_train: `cfg.temperature`, or the cache's when None. A temperature other than the cache's is
+    refused unless `cfg.retemper_tail` names how to re-temper the tail bucket: the k cached tokens
+    re-temper exactly, the tail (many tokens, one stored number) only approximately (docs/losses.md)."""
+    T_store = float(cache_temperature)
+    if cfg.temperature is None:
+        return T_store
+    T = float(cfg.temperature)
+    if not math.isclose(T, T_store, rel_tol=1e-9) and cfg.retemper_tail is None:
+        raise DistillError(
+            f"--temperature {T:g} differs from the cache's temperature {T_store:g}: the teacher's tail can only be "
+            f"re-tempered approximately; rebuild the cache at {T:g}, drop --temperature, or accept the "
+            "approximation with --retemper-tail uniform (recommended) or bucket"
+        )
+    return T
+
+
 def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.0):
     """The loss module's config for this run; `vocab_size` is the tokenizer length (wider logits -> -inf)."""
     from distill.losses import KDLossConfig
 
-    return KDLossConfig(kind=cfg.loss, temperature=cfg.temperature, cache_temperature=float(cache_temperature),
-                        beta=cfg.jsd_beta, vocab_size=vocab_size, chunk_size=cfg.loss_chunk_size,
-                        kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
+    extra = {"tail_rule": cfg.retemper_tail} if cfg.retemper_tail is not None else {}
+    return KDLossConfig(kind=cfg.loss, temperature=training_temperature(cfg, cache_temperature),
+                        cache_temperature=float(cache_temperature), beta=cfg.jsd_beta, vocab_size=vocab_size,
+                        chunk_size=cfg.loss_chunk_size, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, **extra)
 
 
 def batch_loss_sums(model, batch: dict, loss_cfg, *, full_logits: bool = False):
@@ -399,6 +460,10 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     from distill.cache.reader import collate, split_indices
 
+    if cfg.max_length is not None:
+        dataset = TruncatedDataset(dataset, cfg.max_length)
+    cache_temperature = float(manifest.temperature) if manifest else 1.0
+    loss_cfg = loss_config(cfg, len(tokenizer), cache_temperature)  # refuses a temperature mismatch early
     n = len(dataset)
     if n == 0:
         raise DistillError(f"cache {cfg.cache} holds no samples")
@@ -424,7 +489,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
                   "temperature": manifest.temperature if manifest else None,
                   "num_samples": n,
                   "manifest_sha256": _manifest_hash(cfg.cache) if manifest else None},
-        "loss": {"name": cfg.loss, "temperature": cfg.temperature, "kd_weight": cfg.kd_weight,
+        "loss": {"name": cfg.loss, "temperature": loss_cfg.temperature, "cache_temperature": cache_temperature,
+                 "tail_rule": cfg.retemper_tail, "kd_weight": cfg.kd_weight,
                  "ce_weight": cfg.ce_weight, "jsd_beta": cfg.jsd_beta, "chunk_size": cfg.loss_chunk_size,
                  "vocab_size": vocab_size},
         "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
@@ -435,7 +501,6 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     model, tokenizer = load_student(spec, device=accelerator.device)
-    loss_cfg = loss_config(cfg, vocab_size, manifest.temperature if manifest else 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_kind = make_optimizer(params, cfg, accelerator.device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -468,7 +533,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
 
         sub = _Subset(dataset, eval_idx)
         res = evaluate_on_cache(unwrapped, tokenizer, sub, batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size, progress=False,
+                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size,
+                                cache_temperature=cache_temperature, progress=False,
                                 full_logits=head_check.full_logits)
         rec = {"kind": "eval", "step": at_step, "eval_kl": res["kl"], "eval_top1_agreement": res["top1_agreement"],
                "eval_tokens": res["tokens"]}

@@ -216,8 +216,10 @@ def build_cache(
 
     tok = load_teacher_tokenizer(teacher, trust_remote_code=trust_remote_code, revision=revision)
     vocab = len(tok)
-    if top_k > vocab:
-        raise DistillError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens); use a smaller k")
+    if top_k >= vocab:
+        # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
+        # leaves a spurious tail mass that no student can match.
+        raise DistillError(f"--top-k {top_k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
 
     samples: list[tuple[list[int], list[int]]] = []
     truncated = dropped_tokens = no_trained = 0

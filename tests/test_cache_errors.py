@@ -83,7 +83,10 @@ def test_bad_options(tmp_path, tiny_model_dir, data, capsys):
     out = tmp_path / "out"
     args = _build_args(tiny_model_dir, data, out)
     code, _, err = _run(capsys, [a if a != "4" else "1000" for a in args])
-    _assert_one_line_error(code, err, "larger than the teacher's vocabulary", "320")
+    _assert_one_line_error(code, err, "smaller than the teacher's vocabulary", "320")
+    # k equal to the vocabulary: no tail, and the rounded values leave one no student can match
+    code, _, err = _run(capsys, [a if a != "4" else "320" for a in args])
+    _assert_one_line_error(code, err, "--top-k 320", "smaller than the teacher's vocabulary")
     code, _, err = _run(capsys, args + ["--dtype", "fp8"])
     _assert_one_line_error(code, err, "--dtype")
     code, _, err = _run(capsys, args + ["--quant", "fp3"])

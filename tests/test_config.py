@@ -51,3 +51,26 @@ def test_section_hash_tracks_only_named_sections():
     b.train.steps = 999
     assert a.section_hash("cache", "teacher") == b.section_hash("cache", "teacher")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_cache_values_default_to_fp16():
+    assert RunConfig().cache.dtype == "fp16"
+    from teachers.cache_build import build_cache
+    import inspect
+
+    assert inspect.signature(build_cache).parameters["dtype"].default == "fp16"
+
+
+def test_train_temperature_defaults_to_the_caches_and_a_mismatch_needs_a_tail_rule(tmp_path):
+    cfg = load_config(write(tmp_path, "[cache]\ntemperature = 2.0\n"))
+    assert cfg.train.temperature == 0.0 and cfg.train.retemper_tail == ""  # 0: the cache's
+    assert load_config(write(tmp_path, "[cache]\ntemperature = 2.0\n[train]\ntemperature = 2\n")).train.temperature == 2.0
+    with pytest.raises(DistillError) as err:
+        load_config(write(tmp_path, "[cache]\ntemperature = 1.0\n[train]\ntemperature = 2.0\n"))
+    assert "train.temperature" in str(err.value) and "retemper_tail" in str(err.value) and "\n" not in str(err.value)
+    ok = load_config(write(tmp_path, "[train]\ntemperature = 2.0\nretemper_tail = 'bucket'\n"))
+    assert ok.train.retemper_tail == "bucket"
+    for text, key in (("[train]\ntemperature = -1.0\n", "train.temperature"),
+                      ("[train]\ntemperature = 2.0\nretemper_tail = 'flat'\n", "train.retemper_tail")):
+        with pytest.raises(DistillError, match=key.replace(".", r"\.")):
+            load_config(write(tmp_path, text))

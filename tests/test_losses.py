@@ -1,9 +1,11 @@
 """The chunked sparse-KD loss against a plain dense reference, and each DESIGN.md section 4 rule.
 
 The reference below is written the obvious way, in probability space and float64: full-vocabulary
-student logits, softmax, coarse-graining onto the cached ids + one tail bucket, teacher re-tempered
-as p^(T_store/T_train) renormalised. The implementation under test works chunk by chunk in log space
-under checkpointing; value and gradients must agree.
+student logits, softmax, coarse-graining onto the cached ids + one tail bucket; the teacher as a dense
+full-vocabulary vector (the cached probabilities, the tail mass spread as the tail rule says: evenly
+over the uncached tokens for "uniform", all on one uncached token for "bucket"), re-tempered token by
+token as p^(T_store/T_train), renormalised and coarse-grained the same way. The implementation under
+test works chunk by chunk in log space under checkpointing; value and gradients must agree.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from distill.errors import DistillError
 from distill.losses import (
     KDLossConfig,
     LOSS_KINDS,
+    TAIL_RULES,
     combine_loss,
     count_valid_tokens,
     distillation_loss_sums,
@@ -45,7 +48,26 @@ def make_case(seed=0, n=37, k=K, v_real=V_REAL, v_pad=V_PAD, t_store=1.0, masked
     return hidden, head, targets, ids, lp
 
 
-def reference(hidden, weight, targets, ids, lp, *, kind, T=1.0, t_store=1.0, beta=0.5, vocab_size=V_REAL, softcap=None):
+def dense_teacher(ids, lp, *, a, vocab_size, tail_rule):
+    """The teacher as a dense [R, vocab_size] float64 distribution re-tempered by exponent a."""
+    p = lp.double().exp()
+    p_tail = 1.0 - p.sum(1)
+    p_tail = torch.where(p_tail > 1e-6, p_tail, torch.zeros_like(p_tail))
+    cached = torch.zeros(p.shape[0], vocab_size, dtype=torch.bool).scatter(1, ids, True)
+    n_unc = (~cached).sum(1, keepdim=True)
+    if tail_rule == "uniform":
+        dense = torch.where(cached, 0.0, p_tail[:, None] / n_unc.clamp_min(1))
+    else:  # "bucket": the whole tail on the first uncached token
+        first = (~cached).double().argmax(1, keepdim=True)
+        dense = torch.zeros(p.shape[0], vocab_size, dtype=torch.float64).scatter(1, first, p_tail[:, None])
+        dense = torch.where(cached, 0.0, dense)
+    dense = dense.scatter(1, ids, p)
+    tempered = torch.where(dense > 0, dense.clamp_min(1e-300) ** a, torch.zeros_like(dense))
+    return tempered / tempered.sum(1, keepdim=True), cached
+
+
+def reference(hidden, weight, targets, ids, lp, *, kind, T=1.0, t_store=1.0, beta=0.5, vocab_size=V_REAL, softcap=None,
+              tail_rule="uniform"):
     """Dense full-vocabulary float64 reference over the cached support + tail (plain formulas)."""
     h = hidden.double()
     w = weight.double()
@@ -63,8 +85,6 @@ def reference(hidden, weight, targets, ids, lp, *, kind, T=1.0, t_store=1.0, bet
     in_cache = torch.zeros_like(q_full, dtype=torch.bool).scatter(1, ids, True)
     q_tail = (q_full * (~in_cache)).sum(1)
     p = lp.exp()
-    p_tail = 1.0 - p.sum(1)
-    p_tail = torch.where(p_tail > 1e-6, p_tail, torch.zeros_like(p_tail))
     a = t_store / T
     if kind == "forward-kl-renorm":
         pw = p**a
@@ -72,12 +92,12 @@ def reference(hidden, weight, targets, ids, lp, *, kind, T=1.0, t_store=1.0, bet
         qr = q / q.sum(1, keepdim=True)
         div = (pr * (pr.log() - qr.log())).sum(1)
     else:
-        pw, pw_tail = p**a, p_tail**a
-        z = pw.sum(1) + pw_tail
-        P = torch.cat([pw, pw_tail[:, None]], 1) / z[:, None]
+        dense, cached_t = dense_teacher(ids, lp, a=a, vocab_size=vocab_size, tail_rule=tail_rule)
+        P = torch.cat([dense.gather(1, ids), (dense * (~cached_t)).sum(1, keepdim=True)], 1)
         Q = torch.cat([q, q_tail[:, None]], 1)
         if kind == "forward-kl":
-            div = torch.where(P > 0, P * (P.log() - Q.log()), torch.zeros_like(P)).sum(1)
+            Qs = torch.where(P > 0, Q, torch.ones_like(Q))  # outcomes the teacher gives no mass: no NaN gradient
+            div = torch.where(P > 0, P * (P.log() - Qs.log()), torch.zeros_like(P)).sum(1)
         elif kind == "reverse-kl":
             div = (Q * (Q.log() - P.log())).sum(1)
         else:
@@ -98,13 +118,16 @@ def assert_close(a, b, rtol=2e-4, atol=2e-5):
 TEMPS = [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0)]  # (T_store, T_train)
 
 
+@pytest.mark.parametrize("tail_rule", TAIL_RULES)
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 @pytest.mark.parametrize("t_store,t_train", TEMPS)
-def test_value_and_gradient_match_dense_reference(kind, t_store, t_train):
+def test_value_and_gradient_match_dense_reference(kind, t_store, t_train, tail_rule):
     hidden, head, targets, ids, lp = make_case(seed=1, t_store=t_store)
-    cfg = KDLossConfig(kind=kind, temperature=t_train, cache_temperature=t_store, vocab_size=V_REAL, chunk_size=8, beta=0.3)
+    cfg = KDLossConfig(kind=kind, temperature=t_train, cache_temperature=t_store, vocab_size=V_REAL, chunk_size=8, beta=0.3,
+                       tail_rule=tail_rule)
     sums = distillation_loss_sums(hidden, head, targets, ids, lp, cfg)
-    kd_ref, ce_ref = reference(hidden, head.weight, targets, ids, lp, kind=kind, T=t_train, t_store=t_store, beta=0.3)
+    kd_ref, ce_ref = reference(hidden, head.weight, targets, ids, lp, kind=kind, T=t_train, t_store=t_store, beta=0.3,
+                               tail_rule=tail_rule)
     assert sums.n_tokens == int((targets != -100).sum())
     assert_close(sums.kd, kd_ref)
     assert_close(sums.ce, ce_ref)
@@ -196,7 +219,7 @@ def test_no_nan_with_extreme_logits_and_bf16_cache_values():
         sums = distillation_loss_sums(hidden, head, targets, ids, lp_bf16, cfg)
         loss = combine_loss(sums, sums.n_tokens, cfg)
         assert torch.isfinite(loss), kind
-        assert float(sums.kd) >= 0 and float(sums.kl_sum) >= 0
+        assert float(sums.kd.detach()) >= 0 and float(sums.kl_sum) >= 0
         for g in grads(loss, hidden, head):
             assert torch.isfinite(g).all(), kind
 
@@ -208,7 +231,7 @@ def test_forward_kl_is_zero_when_student_equals_teacher_full_distribution():
     lp, ids = full.topk(V_REAL, dim=-1)  # k = V: the cache holds the whole distribution
     cfg = KDLossConfig(chunk_size=10)
     sums = distillation_loss_sums(hidden, head, targets, ids, lp, cfg)
-    assert abs(float(sums.kd)) < 1e-5
+    assert abs(float(sums.kd.detach())) < 1e-5
     assert abs(float(sums.kl_sum)) < 1e-5
     assert int(sums.top1_agree) == sums.n_tokens
     for g in grads(sums.kd, hidden, head):
@@ -217,7 +240,7 @@ def test_forward_kl_is_zero_when_student_equals_teacher_full_distribution():
     # carries exactly the mass the student puts outside the cache
     lp5, ids5 = full.topk(5, dim=-1)
     sums5 = distillation_loss_sums(hidden, head, targets, ids5, lp5, cfg)
-    assert abs(float(sums5.kd)) < 1e-5
+    assert abs(float(sums5.kd.detach())) < 1e-5
     for g in grads(sums5.kd, hidden, head):
         assert g.abs().max() < 1e-5
 
@@ -244,6 +267,49 @@ def test_kl_stat_is_true_kl_at_t1_against_stored_teacher_and_top1_counts():
     with torch.no_grad():
         argmax = head(hidden[valid])[:, :V_REAL].argmax(-1)
     assert int(sums.top1_agree) == int((argmax == ids[valid, 0]).sum())
+
+
+@pytest.mark.parametrize("t_train", [2.0, 1.0, 0.5])
+def test_kl_stat_is_taken_at_the_cache_temperature(t_train):
+    """A student identical to the teacher reports KL 0 for a cache stored at T_store = 2, whatever T_train
+    (student at T=1 against the teacher at T=2 would report a positive KL), and the stat equals the
+    dense reference at T_store."""
+    hidden, head, targets, _, _ = make_case(seed=15, v_pad=V_REAL)
+    with torch.no_grad():
+        stored = torch.log_softmax(head(hidden) / 2.0, dim=-1)  # the student's own distribution at T = 2
+    lp, ids = stored.topk(K, dim=-1)
+    cfg = KDLossConfig(temperature=t_train, cache_temperature=2.0, chunk_size=7, vocab_size=V_REAL)
+    sums = distillation_loss_sums(hidden, head, targets, ids, lp, cfg)
+    assert abs(float(sums.kl_sum)) < 1e-5
+    # another student: the stat is the forward KL with the student's logits divided by T_store
+    hidden2, head2, targets2, ids2, lp2 = make_case(seed=16, t_store=2.0)
+    sums2 = distillation_loss_sums(hidden2, head2, targets2, ids2, lp2,
+                                   KDLossConfig(temperature=t_train, cache_temperature=2.0, vocab_size=V_REAL, chunk_size=7))
+    kl_ref, _ = reference(hidden2, head2.weight, targets2, ids2, lp2, kind="forward-kl", T=2.0, t_store=2.0)
+    assert_close(sums2.kl_sum, kl_ref / 4.0)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_cache_covering_the_vocabulary_gives_a_finite_loss(kind):
+    """k = vocabulary: the student has no tail, while the stored values (rounded) leave a teacher tail of
+    1e-4. That tail cannot be matched; it is dropped and the teacher renormalised over the k ids, so the
+    loss and its gradients stay finite (forward KL was infinite) and equal the dense reference."""
+    hidden, head, targets, ids, lp = make_case(seed=17, k=V_REAL)  # logits 50 wide, vocabulary 45
+    stored = lp - 1e-4  # every row now sums to exp(-1e-4): a tail of ~1e-4, as fp16 rounding leaves
+    stored[targets == -100] = 0.0
+    valid = targets != -100
+    assert float((-torch.expm1(torch.logsumexp(stored[valid], dim=1))).min()) > 1e-5
+    cfg = KDLossConfig(kind=kind, vocab_size=V_REAL, chunk_size=8, temperature=2.0, tail_rule="uniform", ce_weight=0.5)
+    sums = distillation_loss_sums(hidden, head, targets, ids, stored, cfg)
+    loss = combine_loss(sums, sums.n_tokens, cfg)
+    assert torch.isfinite(loss) and torch.isfinite(sums.kl_sum)
+    for g in grads(loss, hidden, head):
+        assert torch.isfinite(g).all()
+    if kind in ("forward-kl", "forward-kl-renorm"):
+        kd_ref, _ = reference(hidden, head.weight, targets, ids, stored, kind=kind, T=2.0)
+        assert_close(sums.kd, kd_ref)
+        for ours, ref in zip(grads(sums.kd, hidden, head), grads(kd_ref, hidden, head)):
+            assert_close(ours, ref)
 
 
 def test_temperature_scaling_multiplies_kd_by_t_squared():

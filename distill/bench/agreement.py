@@ -2,7 +2,8 @@
 
 KL and top-1 agreement come from `students.evaluate.evaluate_on_cache`, so they are the very numbers
 the trainer's held-out evaluation reports (forward KL over the cached top-k plus a tail bucket, against
-the stored log-probs). This module adds the expected calibration error in its own pass:
+the stored log-probs, the model's logits divided by the cache temperature). This module adds the
+expected calibration error in its own pass:
 
     confidence = the model's top-1 probability (temperature 1, as deployed)
     hit        = the model's argmax equals the TEACHER's top-1 token (topk_ids[..., 0])
@@ -96,7 +97,7 @@ def agreement_with_teacher(model, tokenizer, cache_dir: str, *, batch_size: int 
     from students.evaluate import evaluate_on_cache
 
     ev = evaluate_on_cache(model, tokenizer, CacheDataset(reader), batch_size=batch_size, pad_id=pad_id,
-                           max_samples=max_samples)
+                           max_samples=max_samples, cache_temperature=float(reader.manifest.temperature))
     return {
         "kl": ev["kl"],
         "top1_agreement": ev["top1_agreement"],
