@@ -133,7 +133,7 @@ def make_steps(model, teacher, vocab_size: int, kd_weight: float, ce_weight: flo
     import torch
 
     from distill.losses import KDLossConfig, combine_loss, count_valid_tokens, distillation_loss_sums
-    from students.head import model_hidden_and_head
+    from distill.models.head import model_hidden_and_head
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)

@@ -30,7 +30,7 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
 
     from distill.cache.reader import collate
     from distill.losses import KDLossConfig, distillation_loss_sums
-    from students.head import model_hidden_and_head
+    from distill.models.head import model_hidden_and_head
 
     if dataset is None:
         raise ValueError("evaluate_on_cache needs a dataset")

@@ -318,7 +318,7 @@ def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.
 def batch_loss_sums(model, batch: dict, loss_cfg):
     """LossSums of one micro-batch: final hidden states through the chunked head + sparse KD loss."""
     from distill.losses import distillation_loss_sums
-    from students.head import model_hidden_and_head
+    from distill.models.head import model_hidden_and_head
 
     hidden, head = model_hidden_and_head(model, batch)
     return distillation_loss_sums(hidden, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)

@@ -92,14 +92,14 @@ class RowScorer:
     """Teacher logits for selected (sequence, position) rows of a batch, without [B, T, V] logits if possible.
 
     Fast path: run the decoder body for hidden states and apply the model's own head (lm_head plus its logit
-    scaling / soft-capping, `students.head`) to the trained rows only, a chunk at a time. Prompt positions
+    scaling / soft-capping, `distill.models.head`) to the trained rows only, a chunk at a time. Prompt positions
     and padding never reach lm_head, and peak memory is one chunk of rows x vocabulary, not B x T x V.
     The head is checked against the model's own forward once; a model whose forward does something the
     head does not reproduce falls back to full logits.
     """
 
     def __init__(self, model, probe: Sequence[int], pad_id: int, device):
-        from students.head import verify_head
+        from distill.models.head import verify_head
 
         self.model, self.pad_id, self.device = model, pad_id, device
         self.fast = True
@@ -121,7 +121,7 @@ class RowScorer:
             rows = logits[b_idx, t_idx]
             del logits
             return topk_logprobs(rows, vocab, k, temperature)
-        from students.head import model_hidden_and_head
+        from distill.models.head import model_hidden_and_head
 
         ids, att = _pad(seqs, self.pad_id, self.device)
         hidden, head = model_hidden_and_head(self.model, ids, att)

@@ -8,7 +8,7 @@ import pytest
 
 from distill.bench.scorers import RewardModelScorer, SelfScorer, make_scorer
 from distill.errors import DistillError
-from teachers.generate import Completion
+from distill.models.sampling import Completion
 
 
 def C(text, lp=-0.5):

@@ -7,7 +7,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.testing import tiny_llama, tiny_tokenizer
-from students.head import model_hidden_and_head, unwrap_causal_lm, verify_head
+from distill.models.head import model_hidden_and_head, unwrap_causal_lm, verify_head
 
 V = 320
 

@@ -13,7 +13,7 @@ the target the student was distilled towards (for greedy-generated traces the tw
 pass also counts top-1 agreement itself, which tests compare with `evaluate_on_cache`.
 
 Logits are never built for the whole [B, T, V] batch: only the trained positions' final hidden
-states go through the head (`students.head.model_hidden_and_head`), a chunk of rows at a time.
+states go through the head (`distill.models.head.model_hidden_and_head`), a chunk of rows at a time.
 Columns past the tokenizer length (padded embeddings) get -inf before any softmax.
 """
 
@@ -42,7 +42,7 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
 
     from distill.cache.reader import CacheDataset, collate
 
-    from students.head import model_hidden_and_head
+    from distill.models.head import model_hidden_and_head
 
     indices = list(range(len(reader)))[: max_samples or None]
     loader = torch.utils.data.DataLoader(CacheDataset(reader, indices), batch_size=batch_size,

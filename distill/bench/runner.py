@@ -139,7 +139,7 @@ def run_bench(
         read_manifest(Path(held_out_cache))  # a missing / malformed cache fails before any model loads
     problems, task_info = load_task(task, limit=limit)
 
-    from teachers.generate import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
     from teachers.verify import answers_match, extract_answer
 
     if system_prompt is None:
@@ -290,7 +290,7 @@ def _empty_cuda_cache() -> None:
 
 
 def _new_stats():
-    from teachers.generate import GenerationStats
+    from distill.models.sampling import GenerationStats
 
     return GenerationStats()
 
