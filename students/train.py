@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
 
     from distill.losses import combine_loss
     from students import checkpoint as ckpt_mod
-    from students.evaluate import evaluate_on_cache
+    from distill.evaluate import evaluate_on_cache
     from distill.models import load_tokenizer
     from students.model import LoraSettings, StudentSpec, count_parameters, load_student
 

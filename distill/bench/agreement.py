@@ -1,6 +1,6 @@
 """Agreement of a model with the teacher on a held-out cache: KL, top-1 agreement, calibration (ECE).
 
-KL and top-1 agreement come from `students.evaluate.evaluate_on_cache`, so they are the very numbers
+KL and top-1 agreement come from `distill.evaluate.evaluate_on_cache`, so they are the very numbers
 the trainer's held-out evaluation reports (forward KL over the cached top-k plus a tail bucket, against
 the stored log-probs). This module adds the expected calibration error in its own pass:
 
@@ -90,7 +90,7 @@ def agreement_with_teacher(model, tokenizer, cache_dir: str, *, batch_size: int 
     cal = calibration_pass(model, reader, vocab_size=len(tokenizer), batch_size=batch_size, pad_id=pad_id,
                            max_samples=max_samples)
     from distill.cache.reader import CacheDataset
-    from students.evaluate import evaluate_on_cache
+    from distill.evaluate import evaluate_on_cache
 
     ev = evaluate_on_cache(model, tokenizer, CacheDataset(reader), batch_size=batch_size, pad_id=pad_id,
                            max_samples=max_samples)
