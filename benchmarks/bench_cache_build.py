@@ -70,13 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from distill.data.records import encode_record
-    from teachers.cache_build import build_cache, length_batches, teacher_forward
-    from teachers.loading import load_teacher
+    from teachers.backends.hf import teacher_forward
+    from teachers.cache_build import build_cache, length_batches
+    from distill.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     teacher = _teacher_dir(args.teacher)
     records, source = _records(args.n)
-    model, tok = load_teacher(str(teacher), device="cpu")
+    model = load_model(str(teacher), what="teacher", device="cpu")
+    tok = load_tokenizer(str(teacher), what="teacher")
     seqs = [encode_record(tok, r)[0][: args.max_length] for r in records]
     batches = length_batches([len(s) for s in seqs], batch_size=args.batch_size, batch_tokens=args.batch_tokens)
     n_tokens = sum(len(s) for s in seqs)

@@ -64,7 +64,8 @@ def prepare(workdir: Path, seq: int, batch: int, n_batches: int, k: int, model_d
     """Plain SmolLM2 directory, token batches, and the teacher's top-k 'cache' as safetensors."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.models import load_model, load_tokenizer
 
     if model_dir is None:
         from teachers.gguf_import import import_gguf, smollm2_gguf_path
@@ -72,7 +73,7 @@ def prepare(workdir: Path, seq: int, batch: int, n_batches: int, k: int, model_d
         model_dir = workdir / "smollm2"
         if not (model_dir / "config.json").exists():
             import_gguf(smollm2_gguf_path(), model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, what="teacher")
     enc = tok(_texts(batch * n_batches), truncation=True, max_length=seq, padding="max_length", return_tensors="pt")
     input_ids = enc["input_ids"].view(n_batches, batch, seq)
     attention_mask = enc["attention_mask"].view(n_batches, batch, seq)
@@ -81,7 +82,7 @@ def prepare(workdir: Path, seq: int, batch: int, n_batches: int, k: int, model_d
     ok = attention_mask[..., 1:].bool()
     targets[..., :-1] = torch.where(ok, nxt, torch.full_like(nxt, -100))
 
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    teacher = load_model(model_dir, what="teacher", device="cpu", dtype=torch.float32)
     ids_all, lp_all = [], []
     with torch.no_grad():
         for b in range(n_batches):
@@ -115,9 +116,10 @@ def _load_student(model_dir: str, device):
 
 def _load_teacher(model_dir: str, device):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    from distill.models import load_model
+
+    teacher = load_model(model_dir, what="teacher", device=device, dtype=torch.float32)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -133,7 +135,7 @@ def make_steps(model, teacher, vocab_size: int, kd_weight: float, ce_weight: flo
     import torch
 
     from distill.losses import KDLossConfig, combine_loss, count_valid_tokens, distillation_loss_sums
-    from students.head import model_hidden_and_head
+    from distill.models.head import model_hidden_and_head
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)

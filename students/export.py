@@ -7,8 +7,8 @@ safetensors with the tokenizer. The result differs from the trained (quantized) 
 quantization error, which the tests bound.
 
 `bnb-4bit`: the same merged model, quantized to NF4 with double quantization and saved with its
-`quantization_config`, so `AutoModelForCausalLM.from_pretrained(dir)` loads it straight into 4-bit
-(bitsandbytes needed at load time).
+`quantization_config`, so transformers loads the directory straight into 4-bit (bitsandbytes needed
+at load time).
 
 Both write into a temporary directory that is renamed into place, with a model card (README.md).
 """
@@ -22,15 +22,9 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.io import atomic_directory
+from distill.models.devices import DTYPE_NAMES as DTYPES
 
 FORMATS = ("merged", "bnb-4bit")
-DTYPES = ("bf16", "fp16", "fp32")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -67,20 +61,16 @@ def adapter_dir_of(run_dir: Path, checkpoint: str | None = None) -> Path:
 def merged_model(run: dict, adapter_dir: Path, *, dtype: str = "bf16"):
     """The base reloaded unquantized (fp32) with the run's adapters merged in, cast to `dtype`. Returns (model, tokenizer)."""
     import torch
-    from peft import PeftModel
 
-    from students.model import load_base, load_tokenizer
+    from distill.models import load_model, load_tokenizer, parse_dtype
 
     student = run["student"]
     path, trc = student["path"], bool(student.get("trust_remote_code", False))
-    tokenizer = load_tokenizer(path, trust_remote_code=trc)
-    base = load_base(path, quant="none", device="cpu", dtype=torch.float32, trust_remote_code=trc)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as err:  # noqa: BLE001
-        raise DistillError(f"cannot load the adapter in {adapter_dir} onto {path}: {' '.join(str(err).split())[:200]}") from None
+    tokenizer = load_tokenizer(path, what="student", trust_remote_code=trc)
+    model = load_model(path, what="student", quant="none", device="cpu", dtype=torch.float32, trust_remote_code=trc,
+                       adapter=adapter_dir)
     model = model.merge_and_unload()
-    model = model.to(_torch_dtype(dtype))
+    model = model.to(parse_dtype(dtype))
     model.config.use_cache = True
     model.eval()
     return model, tokenizer
@@ -89,8 +79,7 @@ def merged_model(run: dict, adapter_dir: Path, *, dtype: str = "bf16"):
 def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dtype: str = "bf16", *,
                checkpoint: str | None = None, overwrite: bool = False) -> dict:
     """Write the exported model to `out`; return a summary (format, dtype, files, parameters)."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from distill.models import default_device, load_model, parse_dtype
 
     if format not in FORMATS:
         raise DistillError(f"--format {format!r} is unknown; use one of {', '.join(FORMATS)}")
@@ -108,18 +97,14 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dty
             tokenizer.save_pretrained(str(tmp))
         else:
             # Merge in fp32, save, then reload through bitsandbytes so the saved weights are NF4 codes.
-            compute = _torch_dtype(dtype)
+            compute = parse_dtype(dtype)
             model, tokenizer = merged_model(run, adapter, dtype="fp32")
             stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent))
             try:
                 model.save_pretrained(str(stage), safe_serialization=True)
                 tokenizer.save_pretrained(str(stage))
                 del model
-                qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=compute)
-                device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-                qmodel = AutoModelForCausalLM.from_pretrained(str(stage), quantization_config=qcfg, dtype=compute,
-                                                              device_map={"": device})
+                qmodel = load_model(stage, what="merged model", quant="nf4", dtype=compute, device=default_device())
                 qmodel.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
                 model = qmodel

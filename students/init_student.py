@@ -3,7 +3,7 @@
 When no smaller model of the teacher's family exists, a layer subset of the teacher is the cheapest
 student with the *same tokenizer* (so the cache's top-k ids need no mapping), and it starts much closer
 to the teacher than a random model. The result is a plain model directory (safetensors + config +
-the teacher's tokenizer) that any later step loads with `from_pretrained`.
+the teacher's tokenizer) that any later step loads like any model directory.
 
 The config is rebuilt, not patched in place: `num_hidden_layers` and every per-layer list
 (`layer_types`, sliding-window lists, ...) are cut to the kept layers, and the model is instantiated
@@ -93,22 +93,15 @@ def pruned_config(config, keep: list[int]):
 
 def init_student(teacher: str | Path, out: str | Path, keep_layers: str, *, trust_remote_code: bool = False, overwrite: bool = False) -> dict:
     """Write a layer-subset student of `teacher` to `out`. Returns a summary dict."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from students.model import _check_source, _one_line
+    from distill.models import load_model, load_tokenizer, model_from_config, resolve_source
 
     teacher = str(teacher)
     out = Path(out)
-    _check_source(teacher)
+    source = resolve_source(teacher, what="teacher")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out} already exists and is not empty; pick a new --out directory")
-    try:
-        config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype="auto", trust_remote_code=trust_remote_code, device_map={"": "cpu"})
-    except Exception as err:  # noqa: BLE001
-        raise DistillError(f"cannot load teacher {teacher}: {_one_line(err)}") from None
+    tokenizer = load_tokenizer(source, what="teacher", trust_remote_code=trust_remote_code)
+    model = load_model(source, what="teacher", device="cpu", dtype="auto", trust_remote_code=trust_remote_code)
     if getattr(model.config, "quantization_config", None) is not None:
         raise DistillError(f"teacher {teacher} is quantized; layer pruning needs a full-precision model directory")
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -130,7 +123,7 @@ def init_student(teacher: str | Path, out: str | Path, keep_layers: str, *, trus
             state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = tensor
     dtype = next(model.parameters()).dtype
     del model
-    student = AutoModelForCausalLM.from_config(new_config, trust_remote_code=trust_remote_code, dtype=dtype)
+    student = model_from_config(new_config, dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = bool(getattr(new_config, "tie_word_embeddings", False))
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]

@@ -1,4 +1,4 @@
-"""Load a student: any Hugging Face causal LM as NF4 / int8 / unquantized base plus LoRA adapters.
+"""Build a student: any Hugging Face causal LM as NF4 / int8 / unquantized base plus LoRA adapters.
 
 QLoRA recipe (DESIGN.md section 5): NF4 base weights with double quantization, bf16 compute on a GPU
 (fp32 on the CPU, where bitsandbytes' kernels and autograd are happiest), the norms and embeddings kept
@@ -6,18 +6,19 @@ in fp32 (`prepare_model_for_kbit_training`), LoRA on every linear layer except t
 gradient checkpointing. bitsandbytes 0.50 runs NF4 and int8 layers on the CPU, so the whole path is
 testable without a GPU.
 
+The base model and tokenizer load through `distill.models` (one loader for every model); this module
+adds what makes it a trainable student: k-bit preparation, LoRA adapters, saved adapter weights.
 `trust_remote_code` is off unless the caller turns it on: a model directory must not run code.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
-
-QUANT_CHOICES = ("nf4", "int8", "none")
+from distill.models.loading import one_line
+from distill.models.quant import check_quant
 
 
 @dataclass
@@ -53,93 +54,6 @@ class StudentSpec:
         d = dict(d)
         d["lora"] = LoraSettings(**d.get("lora", {}))
         return cls(**d)
-
-
-def default_device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def compute_dtype(device=None):
-    """bf16 on a GPU (half the activation memory, tensor cores), fp32 on the CPU."""
-    import torch
-
-    device = device or default_device()
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _check_source(path: str) -> None:
-    p = Path(path)
-    if p.exists():
-        if not p.is_dir():
-            raise DistillError(f"student {path} is a file, not a model directory; pass the directory that holds config.json")
-        if not (p / "config.json").exists():
-            raise DistillError(f"student directory {path} has no config.json; pass a Hugging Face model directory")
-        return
-    # Not a local path: accept it as a hub id only if it looks like one ("org/name" or "name").
-    looks_like_hub_id = path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path and path
-    if not looks_like_hub_id:
-        raise DistillError(f"student {path} does not exist; pass a model directory or a hub id like org/name")
-
-
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """The student's tokenizer, with a pad token (EOS when the model has none: padding is masked)."""
-    from transformers import AutoTokenizer
-
-    _check_source(str(path))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - any loader failure is a user-facing one-liner
-        raise DistillError(f"cannot load the tokenizer of {path}: {_one_line(err)}") from None
-    if tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _one_line(err: BaseException) -> str:
-    msg = " ".join(str(err).split())
-    return (msg[:300] + "...") if len(msg) > 300 else (msg or type(err).__name__)
-
-
-def quantization_config(quant: str, dtype):
-    """The BitsAndBytesConfig for `quant` (None for "none")."""
-    from transformers import BitsAndBytesConfig
-
-    if quant == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if quant == "none":
-        return None
-    raise DistillError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_CHOICES)}")
-
-
-def load_base(path: str, *, quant: str = "nf4", device=None, dtype=None, trust_remote_code: bool = False):
-    """Load the base causal LM, quantized as asked, on `device`; raise a one-line DistillError on failure."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = str(path)
-    _check_source(path)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or compute_dtype(device)
-    qcfg = quantization_config(quant, dtype)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except DistillError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise DistillError(f"cannot load student {path} ({quant}): {_one_line(err)}") from None
-    return model
 
 
 def _disable_cpu_inference_packing(model) -> None:
@@ -182,12 +96,14 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if spec.quant not in QUANT_CHOICES:
-        raise DistillError(f"unknown quantization {spec.quant!r}; use one of {', '.join(QUANT_CHOICES)}")
+    from distill.models import load_model, load_tokenizer
+
+    check_quant(spec.quant)
     if spec.lora.r < 1:
         raise DistillError(f"--lora-r must be at least 1, got {spec.lora.r}")
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
-    model = load_base(spec.path, quant=spec.quant, device=device, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.path, what="student", trust_remote_code=spec.trust_remote_code)
+    model = load_model(spec.path, what="student", quant=spec.quant, device=device,
+                       trust_remote_code=spec.trust_remote_code)
     model.config.use_cache = False
     _disable_cpu_inference_packing(model)
     gc_kwargs = {"use_reentrant": False}
@@ -206,7 +122,7 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
     try:
         model = get_peft_model(model, lora_config(spec.lora))
     except ValueError as err:
-        raise DistillError(f"cannot attach LoRA to {spec.path}: {_one_line(err)}") from None
+        raise DistillError(f"cannot attach LoRA to {spec.path}: {one_line(err)}") from None
     # Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
     # bf16/fp16 bases; make it explicit so the optimizer state is fp32 too).
     for n, p in model.named_parameters():
@@ -239,8 +155,3 @@ def count_parameters(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
 
-
-def is_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("DISTILL_FORCE_CPU") != "1"

@@ -13,7 +13,7 @@ never interrupted (tested with a real SIGKILL).
 
 The run directory:
     run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss) and
-                       the head check (chunked head or full logits, `students.head.check_head`)
+                       the head check (chunked head or full logits, `distill.models.head.check_head`)
     metrics.jsonl      one JSON object per step ("train") and per evaluation ("eval")
     checkpoints/step-XXXXXX/
     final/             adapters + tokenizer + summary.json
@@ -95,7 +95,7 @@ class TrainConfig:
 # ---- validation ---------------------------------------------------------------------------------
 
 def _validate(cfg: TrainConfig) -> None:
-    from students.model import QUANT_CHOICES
+    from distill.models.quant import QUANT_CHOICES
 
     if cfg.quant not in QUANT_CHOICES:
         raise DistillError(f"--quant {cfg.quant!r} is unknown; use one of {', '.join(QUANT_CHOICES)}")
@@ -385,7 +385,7 @@ def batch_loss_sums(model, batch: dict, loss_cfg, *, full_logits: bool = False):
     `full_logits`: the model's own logits instead, for a model whose head check failed (`check_head`).
     """
     from distill.losses import distillation_loss_sums
-    from students.head import rows_and_head
+    from distill.models.head import rows_and_head
 
     rows, head = rows_and_head(model, batch, full_logits=full_logits)
     return distillation_loss_sums(rows, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)
@@ -396,7 +396,7 @@ def check_student_head(model, sample: dict, accelerator):
 
     Runs under the training autocast, so it compares the numbers training will compute.
     """
-    from students.head import HEAD_CHECK_TOKENS, check_head
+    from distill.models.head import HEAD_CHECK_TOKENS, check_head
 
     ids = sample["input_ids"][:HEAD_CHECK_TOKENS].to(accelerator.device)
     with accelerator.autocast():
@@ -438,8 +438,9 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
 
     from distill.losses import combine_loss
     from students import checkpoint as ckpt_mod
-    from students.evaluate import evaluate_on_cache
-    from students.model import LoraSettings, StudentSpec, count_parameters, load_student, load_tokenizer
+    from distill.evaluate import evaluate_on_cache
+    from distill.models import load_tokenizer
+    from students.model import LoraSettings, StudentSpec, count_parameters, load_student
 
     _validate(cfg)
     out = Path(cfg.out)
@@ -448,7 +449,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
                        gradient_checkpointing=cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code)
 
     # Cheap checks first (tokenizer, cache, run dir), the model load last: a bad input fails in seconds.
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.path, what="student", trust_remote_code=spec.trust_remote_code)
     manifest = None
     if dataset is None:
         reader, manifest = open_cache(cfg.cache, tokenizer)

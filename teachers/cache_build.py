@@ -4,6 +4,10 @@ Order of work, so that mistakes cost seconds, not hours: check arguments and the
 and tokenize the data, load the tokenizer (k vs vocabulary), then the model, then open the writer (which
 refuses a cache made with something else), then stream shards.
 
+The teacher is a backend (`teachers.backends`, `--backend`, default "hf"): this runner never touches the
+model, it asks the backend for the top-k of each trained position (`score`) and records the backend's
+identity and build information in the manifest.
+
 Shard j always holds samples [j*shard_size, (j+1)*shard_size) in data order; inside a shard, samples are
 batched by length (little padding). Batching is a pure function of the data and options, so a resumed
 build computes exactly what an uninterrupted one would have.
@@ -32,29 +36,6 @@ VALUE_DTYPE_CHOICES = ("fp16", "bf16")
 _SHARD_DELAY_ENV = "DISTILL_TEST_SHARD_DELAY"
 
 
-@torch.no_grad()
-def topk_logprobs(logits: torch.Tensor, vocab: int, k: int, temperature: float, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of log_softmax(logits[:, :vocab] / T) in fp32: (ids [R,k] int64, log-probs [R,k] fp32, descending).
-
-    Columns past `vocab` (padded embedding rows) are dropped before the normaliser, never zero-filled.
-    Rows are processed in chunks so that the fp32 copy stays small; top-k is taken on the scaled logits and
-    the log-normaliser subtracted afterwards (same result as log_softmax, one full pass fewer).
-    """
-    R = logits.shape[0]
-    ids = torch.empty((R, k), dtype=torch.int64, device=logits.device)
-    vals = torch.empty((R, k), dtype=torch.float32, device=logits.device)
-    inv_t = 1.0 / float(temperature)
-    for a in range(0, R, chunk):
-        x = logits[a:a + chunk, :vocab].float()
-        if inv_t != 1.0:
-            x = x * inv_t
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        v, i = torch.topk(x, k, dim=-1, sorted=True)
-        vals[a:a + chunk] = v - lse
-        ids[a:a + chunk] = i
-    return ids, vals
-
-
 def length_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int | None) -> list[list[int]]:
     """Group indices (local to `lengths`) into batches of similar length, longest first, deterministically."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -71,72 +52,6 @@ def length_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int
     return batches
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(max(len(s) for s in seqs), 1)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        att[b, : len(s)] = 1
-    return ids.to(device), att.to(device)
-
-
-@torch.no_grad()
-def teacher_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device) -> torch.Tensor:
-    """Plain right-padded forward of a batch; returns logits [B, T, W] (model dtype, on device)."""
-    ids, att = _pad(seqs, pad_id, device)
-    return model(input_ids=ids, attention_mask=att, use_cache=False).logits
-
-
-class RowScorer:
-    """Teacher logits for selected (sequence, position) rows of a batch, without [B, T, V] logits if possible.
-
-    Fast path: run the decoder body for hidden states and apply the model's own head (lm_head plus its logit
-    scaling / soft-capping, `students.head`) to the trained rows only, a chunk at a time. Prompt positions
-    and padding never reach lm_head, and peak memory is one chunk of rows x vocabulary, not B x T x V.
-    The head is checked against the model's own forward once; a model whose forward does something the
-    head does not reproduce falls back to full logits.
-    """
-
-    def __init__(self, model, probe: Sequence[int], pad_id: int, device):
-        from students.head import verify_head
-
-        self.model, self.pad_id, self.device = model, pad_id, device
-        self.fast = True
-        probe = list(probe)[:16] or [pad_id]
-        try:
-            ids, att = _pad([probe], pad_id, device)
-            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
-            verify_head(model, ids, att, atol=tol)
-        except DistillError:
-            self.fast = False
-
-    @torch.no_grad()
-    def topk(self, seqs, positions, vocab: int, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [R, k], log-probs [R, k]) for the rows `positions` (a list of position arrays per sequence)."""
-        b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(self.device)
-        t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions]).to(self.device)
-        if not self.fast:
-            logits = teacher_forward(self.model, seqs, self.pad_id, self.device)
-            rows = logits[b_idx, t_idx]
-            del logits
-            return topk_logprobs(rows, vocab, k, temperature)
-        from students.head import model_hidden_and_head
-
-        ids, att = _pad(seqs, self.pad_id, self.device)
-        hidden, head = model_hidden_and_head(self.model, ids, att)
-        rows = hidden[b_idx, t_idx]
-        del hidden
-        R = rows.shape[0]
-        out_ids = torch.empty((R, k), dtype=torch.int64, device=rows.device)
-        out_lp = torch.empty((R, k), dtype=torch.float32, device=rows.device)
-        chunk = max(16, (1 << 25) // max(vocab, 1))  # ~128 MB of fp32 logits per chunk
-        for a in range(0, R, chunk):
-            i, v = topk_logprobs(head(rows[a:a + chunk]), vocab, k, temperature, chunk=chunk)
-            out_ids[a:a + chunk], out_lp[a:a + chunk] = i, v
-        return out_ids, out_lp
-
-
 def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
     h = hashlib.sha256()
     for ids, mask in samples:
@@ -145,13 +60,6 @@ def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
         h.update(np.asarray(mask, dtype=np.uint8).tobytes())
         h.update(b"#")
     return "sha256:" + h.hexdigest()
-
-
-def _logits_width(model) -> int:
-    emb = model.get_output_embeddings()
-    if emb is not None and hasattr(emb, "weight"):
-        return int(emb.weight.shape[0])
-    return int(model.config.vocab_size)
 
 
 def build_cache(
@@ -180,13 +88,15 @@ def build_cache(
     rank: int = 0,
     progress: bool = True,
     log=None,
+    backend: str = "hf",
 ) -> Manifest:
     """Build (or resume) a teacher cache in `out` and return its final manifest.
 
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
-    the pipeline has them in memory. Raises DistillError for every user mistake, before any output is written.
+    the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`).
+    Raises DistillError for every user mistake, before any output is written.
     """
-    from teachers.loading import load_teacher, load_teacher_tokenizer, teacher_identity
+    from teachers.backends import check_backend, get_backend
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if top_k < 1:
@@ -199,6 +109,7 @@ def build_cache(
         raise DistillError(f"--max-length must be at least 2, got {max_length}")
     if batch_size < 1 or shard_size < 1 or (batch_tokens is not None and batch_tokens < 1):
         raise DistillError("--batch-size, --batch-tokens and --shard-size must be positive")
+    check_backend(backend)
     out = Path(out)
     check_output_dir(out)
 
@@ -214,8 +125,10 @@ def build_cache(
     if not records:
         raise DistillError("no records to cache")
 
-    tok = load_teacher_tokenizer(teacher, trust_remote_code=trust_remote_code, revision=revision)
-    vocab = len(tok)
+    teacher_backend = get_backend(backend, teacher, device=device, quant=quant, dtype=teacher_dtype,
+                                  trust_remote_code=trust_remote_code, revision=revision)
+    tok = teacher_backend.tokenizer
+    vocab = teacher_backend.vocab_size
     if top_k >= vocab:
         # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
         # leaves a spurious tail mass that no student can match.
@@ -234,17 +147,13 @@ def build_cache(
         samples.append((ids, mask))
     n = len(samples)
 
-    model, _ = load_teacher(
-        teacher, device=device, quant=quant, dtype=teacher_dtype, trust_remote_code=trust_remote_code,
-        revision=revision, load_tokenizer=False,
-    )
-    dev = next(model.parameters()).device
-    width = _logits_width(model)
+    teacher_backend.load()
+    width = teacher_backend.logits_width
     if width < vocab:
         raise DistillError(f"teacher logits width {width} is smaller than its tokenizer ({vocab} tokens); the tokenizer does not belong to this model")
 
     manifest = Manifest(
-        teacher=teacher_identity(model, teacher, quant=quant, revision=revision),
+        teacher=teacher_backend.identity,
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         tokenizer_length=vocab,
         logits_width=width,
@@ -262,7 +171,7 @@ def build_cache(
         },
         build={
             "truncated_samples": truncated, "truncated_tokens": dropped_tokens,
-            "samples_without_trained_tokens": no_trained, "teacher_dtype": str(next(model.parameters()).dtype),
+            "samples_without_trained_tokens": no_trained, **teacher_backend.build_info,
         },
     )
     writer = CacheWriter(out, manifest, rank=rank)
@@ -274,8 +183,6 @@ def build_cache(
     if no_trained:
         say(f"warning: {no_trained} sequences have no trained tokens (empty completion or cut by --max-length)")
 
-    scorer = RowScorer(model, samples[0][0], manifest.pad_id, dev)
-    manifest.build["scoring"] = "hidden+head on trained rows" if scorer.fast else "full logits"
     done = writer.done_indices()
     num_shards = (n + shard_size - 1) // shard_size
     todo = [j for j in range(num_shards) if j not in done]
@@ -300,8 +207,7 @@ def build_cache(
                 seqs = [window[i][0] for i in batch]
                 pos = [trained_positions(np.asarray(window[i][1])) for i in batch]
                 if sum(len(p) for p in pos):
-                    ids, lps = scorer.topk(seqs, pos, vocab, top_k, temperature)
-                    ids, lps = ids.cpu(), lps.cpu()
+                    ids, lps = teacher_backend.score(seqs, pos, k=top_k, temperature=temperature)
                 else:  # nothing to score in this batch (all prompts, or cut by --max-length)
                     ids, lps = torch.zeros((0, top_k), dtype=torch.int64), torch.zeros((0, top_k))
                 a = 0

@@ -49,7 +49,7 @@ def cache_summary(path: str | Path) -> dict:
 def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
     @cache_app.command("build")
     def build(
-        teacher: str = typer.Option(..., "--teacher", help="Teacher model directory or hub id."),
+        teacher: str = typer.Option(..., "--teacher", help="Teacher: model directory, hub id, or a .gguf file."),
         data: str = typer.Option(..., "--data", help="JSONL/Parquet file, saved datasets dir, or hub data set id."),
         out: Path = typer.Option(..., "--out", help="Cache directory (new, empty, or a cache to resume)."),
         top_k: int = typer.Option(..., "--top-k", help="Number of teacher tokens stored per position."),
@@ -69,6 +69,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
         teacher_dtype: Optional[str] = typer.Option(None, "--teacher-dtype", help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the teacher."),
+        backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Run a teacher over a data set and cache its top-k next-token log-probs (resumable)."""
@@ -80,6 +81,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
             batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=parse_field_map(field),
             split=split, data_config=data_config, limit=limit, as_chat=chat, trust_remote_code=trust_remote_code,
             quant=quant, device=device, teacher_dtype=teacher_dtype, revision=revision, progress=not no_progress,
+            backend=backend,
         )
 
     @cache_app.command("info")

@@ -39,6 +39,7 @@ def generate(
     split: str = typer.Option("test", "--split", help="Split for data directories and the hub."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own code."),
+    backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
 ) -> None:
     """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s)."""
     from teachers.generate import generate_traces
@@ -46,7 +47,7 @@ def generate(
     summary = generate_traces(teacher=teacher, data=data, out=out, samples=samples, temperature=temperature,
                               top_p=top_p, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
                               limit=limit, batch_size=batch_size, seed=seed, fields=_parse_fields(field),
-                              split=split, device=device, trust_remote_code=trust_remote_code)
+                              split=split, device=device, trust_remote_code=trust_remote_code, backend=backend)
     st = summary["stats"]
     typer.echo(f"wrote {summary['written']} traces ({summary['skipped']} already done) for "
                f"{summary['problems']} problems x {summary['samples']} samples to {summary['out']}; "

@@ -200,7 +200,7 @@ def test_row_scorer_fast_path_equals_full_logits(tiny_model_dir, padded_teacher_
     """Scoring trained rows through hidden states + the model head equals slicing the full logits."""
     from transformers import AutoModelForCausalLM
 
-    from teachers.cache_build import RowScorer
+    from teachers.backends.hf import RowScorer
 
     tok = tiny_tokenizer()
     seqs = [tokenize_record(tok, r, 64)[0] for r in RECORDS[:3]]

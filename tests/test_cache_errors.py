@@ -196,7 +196,7 @@ def test_missing_teacher_path_fails_without_the_hub(tmp_path, monkeypatch):
     """A path that does not exist is refused at once; only a hub-shaped id is handed to the hub client."""
     import transformers
 
-    from teachers.loading import load_teacher, load_teacher_tokenizer
+    from distill.models import load_model, load_tokenizer
 
     calls = []
 
@@ -208,11 +208,11 @@ def test_missing_teacher_path_fails_without_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
     for missing in (str(tmp_path / "no_such_dir"), "./no_such_dir", "~/no_such_dir_xyz", "runs/a/b"):
         with pytest.raises(DistillError, match="does not exist") as err:
-            load_teacher(missing, device="cpu")
+            load_model(missing, what="teacher", device="cpu")
         assert "\n" not in str(err.value)
         with pytest.raises(DistillError, match="does not exist"):
-            load_teacher_tokenizer(missing)
+            load_tokenizer(missing, what="teacher")
     assert calls == []
-    with pytest.raises(DistillError, match="cannot load teacher 'org/model'"):
-        load_teacher("org/model", device="cpu")
+    with pytest.raises(DistillError, match="teacher org/model does not load: offline"):
+        load_model("org/model", what="teacher", device="cpu")
     assert calls == ["org/model"]

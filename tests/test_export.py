@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
+from distill.models import load_model
 from students.export import export_run
-from students.model import StudentSpec, load_base, load_student
+from students.model import StudentSpec, load_student
 from students.train import TrainConfig, train
 
 
@@ -37,8 +38,8 @@ def test_quantized_student_trains_exports_and_matches(kd_pair, tmp_path, probe, 
     spec = StudentSpec.from_dict(json.loads((run / "run.json").read_text())["student"])
     trained, _ = load_student(spec, device="cpu", adapter_dir=run / "final", trainable=False)
     lp_trained = _logprobs(trained, probe)
-    full_base = load_base(str(student), quant="none", device="cpu", dtype=torch.float32)
-    q_base = load_base(str(student), quant=quant, device="cpu", dtype=torch.float32)
+    full_base = load_model(str(student), what="student", quant="none", device="cpu", dtype=torch.float32)
+    q_base = load_model(str(student), what="student", quant=quant, device="cpu", dtype=torch.float32)
     quant_err = (_logprobs(full_base, probe) - _logprobs(q_base, probe)).abs().max().item()
     adapter_effect = (lp_trained - _logprobs(q_base, probe)).abs().max().item()
     assert adapter_effect > 5 * quant_err  # training moved the model well beyond the tolerance used below
@@ -65,7 +66,7 @@ def test_quantized_student_trains_exports_and_matches(kd_pair, tmp_path, probe, 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in q4.modules())
     lp_q4 = _logprobs(q4, probe)
     # NF4 export = the trained model's error (quant_err) plus a fresh NF4 rounding of the merged weights.
-    nf4_base = load_base(str(student), quant="nf4", device="cpu", dtype=torch.float32)
+    nf4_base = load_model(str(student), what="student", quant="nf4", device="cpu", dtype=torch.float32)
     nf4_err = (_logprobs(full_base, probe) - _logprobs(nf4_base, probe)).abs().max().item()
     assert (lp_q4 - lp_trained).abs().max().item() <= quant_err + 2 * nf4_err + 1e-3
     assert (lp_q4.argmax(-1) == lp_trained.argmax(-1)).float().mean().item() >= 0.9

@@ -75,7 +75,7 @@ def test_report_counts_and_summary_file(traces_file, tmp_path):
 
 def test_kept_records_are_cache_input(traces_file, tmp_path, tiny_tok):
     from distill.data.records import encode_record
-    from teachers.generate import format_prompt
+    from distill.models.sampling import format_prompt
 
     out = tmp_path / "kept.jsonl"
     filter_traces(traces_file, out, keep="first-correct", echo=None)

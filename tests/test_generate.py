@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import cli
+from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, sample_completions
 from distill.testing import tiny_llama, tiny_tokenizer
-from teachers.generate import (DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, generate_traces,
-                               read_traces, sample_completions)
+from teachers.generate import generate_traces, read_traces
 
 QUESTIONS = ["What is 2 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?", "x"]
 

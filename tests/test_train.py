@@ -207,7 +207,7 @@ def test_padded_vocab_student_trains_with_extra_columns_masked(kd_pair, tmp_path
 def _heldout(kd_pair, eval_fraction=0.2, seed=0):
     """The trainer's held-out samples of the kd_pair cache, and the student's tokenizer."""
     from distill.cache.reader import CacheDataset, split_indices
-    from students.model import load_tokenizer
+    from distill.models import load_tokenizer
     from students.train import open_cache
 
     tok = load_tokenizer(str(kd_pair[1]))
@@ -221,7 +221,7 @@ def test_failed_head_check_trains_on_the_models_own_logits(kd_pair, tmp_path, mo
     trained and evaluated on its own full logits, and the user is told so."""
     from transformers import LlamaForCausalLM
 
-    from students.evaluate import evaluate_on_cache
+    from distill.evaluate import evaluate_on_cache
 
     original = LlamaForCausalLM.forward
 

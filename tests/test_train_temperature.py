@@ -118,7 +118,7 @@ def test_evaluate_on_cache_with_the_teacher_itself(kd_pair, cache_t2, which):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.cache.reader import CacheDataset, CacheReader
-    from students.evaluate import evaluate_on_cache
+    from distill.evaluate import evaluate_on_cache
 
     teacher, _, t1 = kd_pair
     cache = t1 if which == "t1" else cache_t2

@@ -1,6 +1,6 @@
 """Agreement of a model with the teacher on a held-out cache: KL, top-1 agreement, calibration (ECE).
 
-KL and top-1 agreement come from `students.evaluate.evaluate_on_cache`, so they are the very numbers
+KL and top-1 agreement come from `distill.evaluate.evaluate_on_cache`, so they are the very numbers
 the trainer's held-out evaluation reports (forward KL over the cached top-k plus a tail bucket, against
 the stored log-probs, the model's logits divided by the cache temperature). This module adds the
 expected calibration error in its own pass:
@@ -14,8 +14,8 @@ the target the student was distilled towards (for greedy-generated traces the tw
 pass also counts top-1 agreement itself, which tests compare with `evaluate_on_cache`.
 
 Logits are never built for the whole [B, T, V] batch: only the trained positions' final hidden
-states go through the head (`students.head.rows_and_head`), a chunk of rows at a time, unless the
-head check (`students.head.check_head`) finds that the chunked head does not reproduce the model's
+states go through the head (`distill.models.head.rows_and_head`), a chunk of rows at a time, unless the
+head check (`distill.models.head.check_head`) finds that the chunked head does not reproduce the model's
 logits: then the model's own logits are used, as in `evaluate_on_cache`.
 Columns past the tokenizer length (padded embeddings) get -inf before any softmax.
 """
@@ -45,7 +45,7 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
 
     from distill.cache.reader import CacheDataset, collate
 
-    from students.head import HEAD_CHECK_TOKENS, check_head, rows_and_head
+    from distill.models.head import HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     indices = list(range(len(reader)))[: max_samples or None]
     loader = torch.utils.data.DataLoader(CacheDataset(reader, indices), batch_size=batch_size,
@@ -94,7 +94,7 @@ def agreement_with_teacher(model, tokenizer, cache_dir: str, *, batch_size: int 
     cal = calibration_pass(model, reader, vocab_size=len(tokenizer), batch_size=batch_size, pad_id=pad_id,
                            max_samples=max_samples)
     from distill.cache.reader import CacheDataset
-    from students.evaluate import evaluate_on_cache
+    from distill.evaluate import evaluate_on_cache
 
     ev = evaluate_on_cache(model, tokenizer, CacheDataset(reader), batch_size=batch_size, pad_id=pad_id,
                            max_samples=max_samples, cache_temperature=float(reader.manifest.temperature))

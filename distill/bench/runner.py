@@ -107,6 +107,7 @@ def run_bench(
     from distill.bench.loading import QUANT_CHOICES, load_for_bench
     from distill.bench.scorers import make_scorer
     from distill.bench.tasks import load_task
+    from distill.models import default_device
 
     t_start = time.perf_counter()
     pairs = parse_model_specs(models)
@@ -138,7 +139,7 @@ def run_bench(
         read_manifest(Path(held_out_cache))  # a missing / malformed cache fails before any model loads
     problems, task_info = load_task(task, limit=limit)
 
-    from teachers.generate import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
     from teachers.verify import answers_match, extract_answer
 
     if system_prompt is None:
@@ -154,7 +155,7 @@ def run_bench(
     model_results = []
     for name, path in pairs:
         t_load = time.perf_counter()
-        meter = cost_mod.PeakMemory(device=_default_device())
+        meter = cost_mod.PeakMemory(device=default_device())
         with meter:
             loaded = load_for_bench(name, path, quant=quant, trust_remote_code=trust_remote_code)
             load_s = time.perf_counter() - t_load
@@ -281,12 +282,6 @@ def _write_details(path: Path, details: list[dict]) -> None:
     atomic_write_jsonl(path, details)
 
 
-def _default_device():
-    import torch
-
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _empty_cuda_cache() -> None:
     import torch
 
@@ -295,7 +290,7 @@ def _empty_cuda_cache() -> None:
 
 
 def _new_stats():
-    from teachers.generate import GenerationStats
+    from distill.models.sampling import GenerationStats
 
     return GenerationStats()
 

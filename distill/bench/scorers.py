@@ -34,14 +34,12 @@ class RewardModelScorer:
     description = "reward model (sequence classification) probability of the completion being good"
 
     def __init__(self, path: str, *, batch_size: int = 8, max_length: int = 2048, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from distill.models import load_model, load_tokenizer, resolve_source
 
-        p = Path(path)
-        if not p.exists() and not (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
-            raise DistillError(f"--scorer {path} does not exist; pass a reward model directory or 'self'")
-        cfg_file = p / "config.json"
-        if cfg_file.is_file():
+        what = "--scorer"
+        source = resolve_source(path, what=what)
+        cfg_file = Path(source.path) / "config.json"
+        if source.kind == "dir":
             import json
 
             try:
@@ -51,23 +49,15 @@ class RewardModelScorer:
             if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
                 raise DistillError(f"--scorer {path} is a {archs[0]}, not a reward model (a *ForSequenceClassification "
                                    "with a trained score head); pass a reward model directory or 'self'")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception as err:  # noqa: BLE001
-            msg = " ".join(str(err).split())[:240]
-            raise DistillError(f"--scorer {path} does not load as a sequence-classification reward model: {msg}") from None
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token is None:
-                raise DistillError(f"--scorer {path}: its tokenizer has neither a pad nor an EOS token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # dtype "auto": a reward model runs in the dtype it was saved in.
+        self.tokenizer = load_tokenizer(source, what=what, trust_remote_code=trust_remote_code, require_pad=True)
+        self.model = load_model(source, what=what, task="sequence-classification", dtype="auto",
+                                trust_remote_code=trust_remote_code)
         # Sequence classification heads pick the last non-pad token: they need to know the pad id.
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model.to(device).eval()
-        self.device = device
+        self.device = next(self.model.parameters()).device
         self.name = str(path)
         self.batch_size = batch_size
         self.max_length = max_length

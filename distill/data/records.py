@@ -12,12 +12,12 @@ the same ids and loss mask.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from distill.errors import DistillError
 from distill.io import iter_jsonl
+from distill.models.source import looks_like_hub_id
 
 CANONICAL = ("prompt", "completion", "messages", "text")
 
@@ -62,12 +62,11 @@ def _from_datasets_obj(ds, split: str | None, where: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq", ".csv", ".txt")
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not source.lower().endswith(_DATA_SUFFIXES)
+    return looks_like_hub_id(source) and not source.lower().endswith(_DATA_SUFFIXES)
 
 
 def load_raw(source: str | Path, *, split: str | None = None, config: str | None = None) -> list[dict]:

@@ -115,7 +115,8 @@ def stage_cache(ctx: RunContext) -> dict:
 def heldout_records(config: RunConfig) -> list[dict]:
     """Held-out problems with their reference solutions as chat records: a teacher forward over them
     gives a KL / agreement set that the student never trained on, at no generation cost."""
-    from teachers.generate import DEFAULT_SYSTEM_PROMPT, load_problems
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
+    from teachers.generate import load_problems
 
     data = config.data
     if data.source == "synthetic":

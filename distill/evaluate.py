@@ -29,7 +29,7 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
     `vocab_size` defaults to `len(tokenizer)`; `pad_id` to the tokenizer's pad id; `chunk_size` (rows
     of logits per chunk) to the loss module's automatic size; `cache_temperature` to the temperature
     in the manifest of the cache behind `dataset` (1.0 for samples that come with no manifest).
-    `full_logits`: the logits path (`students.head.check_head`); None checks the head on the first
+    `full_logits`: the logits path (`distill.models.head.check_head`); None checks the head on the first
     sample here, so a model whose forward the chunked head does not reproduce is scored on its own
     logits. Returns {"kl", "top1_agreement", "tokens", "samples", "head_path"}.
     """
@@ -37,7 +37,7 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
 
     from distill.cache.reader import collate
     from distill.losses import KDLossConfig, distillation_loss_sums
-    from students.head import CHUNKED_HEAD, FULL_LOGITS, HEAD_CHECK_TOKENS, check_head, rows_and_head
+    from distill.models.head import CHUNKED_HEAD, FULL_LOGITS, HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     if dataset is None:
         raise ValueError("evaluate_on_cache needs a dataset")

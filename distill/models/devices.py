@@ -1,0 +1,64 @@
+"""Where a model runs and in which float type: one answer for teachers, students and the benchmark.
+
+bf16 on a GPU (half the memory of fp32, tensor cores) and fp32 on the CPU, where bf16 matmuls are
+slow and lossy. torch is imported inside the functions so that importing `distill.models` (done by
+the CLI and the data loaders) stays cheap.
+"""
+
+from __future__ import annotations
+
+from distill.errors import DistillError
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_device():
+    """The current CUDA device when there is one, else the CPU (a torch.device)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device=None):
+    """`device` (None, a string or a torch.device) as a torch.device; a GPU asked for on a machine
+    without one is a one-line error here rather than a CUDA trace from deep inside a load."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DistillError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"device {str(device)!r} asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def compute_dtype(device=None):
+    """bf16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    device = torch.device(device) if device is not None else default_device()
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(dtype, *, device=None, flag: str = "dtype"):
+    """A torch dtype from None (the device's compute dtype), 'bf16' | 'fp16' | 'fp32', 'auto' (kept:
+    transformers then uses the checkpoint's own dtype) or a torch.dtype."""
+    import torch
+
+    if dtype is None:
+        return compute_dtype(device)
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in names:
+        raise DistillError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return names[dtype]

@@ -1,0 +1,79 @@
+"""Teacher backends: the one place that runs a teacher model for trace generation and cache building.
+
+`distill teacher generate` and `distill cache build` never touch a model: they ask a backend, chosen
+with `--backend NAME` (default "hf"), for two operations:
+
+  generate(prompt_ids, seeds, *, temperature, top_p, max_new_tokens, on_step=None) -> list[Completion]
+      one completion per row (token ids of an already formatted prompt); each row is sampled from its
+      own generator seeded by `seeds[row]`, so N samples of a prompt are N rows with distinct seeds and
+      a row's result does not depend on its batch. temperature 0 is greedy. `on_step(n)` is called with
+      the number of tokens produced at each decoding step (progress bars).
+  score(seqs, positions, *, k, temperature) -> (ids [R, k] int64, logprobs [R, k] float32), on the CPU
+      the teacher's sparse target at every requested position: positions[b] indexes seqs[b]; row r of
+      the result is the top-k of log_softmax(logits / temperature) over the tokenizer's vocabulary
+      (columns past it dropped), descending. The tail mass is 1 - sum(exp(logprobs)).
+
+and five properties: `tokenizer` (a Hugging Face tokenizer: prompts, records and the cache's
+fingerprint are made with it), `vocab_size` (len(tokenizer)), `logits_width` (the model's output
+width, >= vocab_size), `identity` (a dict recorded in the cache manifest and in every trace: resuming
+with another teacher is refused by comparing it) and `build_info` (a dict recorded in the manifest's
+build section). The tokenizer is ready when the backend is constructed; the weights load on `load()`
+or the first use, so input mistakes are caught before a large model loads.
+
+A backend is constructed as Backend(teacher, *, device=None, quant="none", dtype=None,
+trust_remote_code=False, revision=None) and raises DistillError for anything it does not support.
+
+Adding a backend: write `teachers/backends/NAME.py` with a class that has the operations and
+properties above and a `name` attribute, and add one line `"NAME": NameBackend` to BACKENDS below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from distill.errors import DistillError
+from teachers.backends.hf import HFBackend
+
+
+@runtime_checkable
+class TeacherBackend(Protocol):
+    name: str
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def logits_width(self) -> int: ...
+
+    @property
+    def identity(self) -> dict: ...
+
+    @property
+    def build_info(self) -> dict: ...
+
+    def load(self) -> None: ...
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
+                 max_new_tokens: int, on_step=None) -> list: ...
+
+    def score(self, seqs, positions, *, k: int, temperature: float) -> tuple[Any, Any]: ...
+
+
+BACKENDS: dict[str, type] = {
+    "hf": HFBackend,
+}
+
+
+def check_backend(name: str) -> str:
+    """`name` if a backend is registered under it, else the one-line error listing the known ones."""
+    if name not in BACKENDS:
+        raise DistillError(f"unknown --backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}")
+    return name
+
+
+def get_backend(name: str, teacher: str, **options) -> TeacherBackend:
+    """The backend registered as `name`, constructed for `teacher` (its tokenizer loaded, not its weights)."""
+    return BACKENDS[check_backend(name)](teacher, **options)
