@@ -8,7 +8,10 @@ T_store: the stored log-probs as they are against the student's logits divided b
 exactly when the student matches the teacher on the cached support and the tail mass, whatever T_store
 (comparing the student at T=1 with a teacher stored at T_store != 1 would report a positive KL for a
 student identical to the teacher). It is the training statistic `kl` of the loss module too.
-Top-1 agreement: the student's argmax equals the teacher's most likely token (`topk_ids[..., 0]`).
+For a sampled cache (an estimator target, distill/cache/target.py) the KL is the codec's unbiased
+estimate sum_j w_j (log p_j - log q_j): right on average, noisy per position.
+Top-1 agreement: the student's argmax equals the teacher's most likely token among the stored slots
+(the top-k's first id; for a sampled cache, the most probable id drawn).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
     from tqdm.auto import tqdm
 
     from distill.cache.reader import collate
-    from distill.losses import KDLossConfig, distillation_loss_sums
+    from distill.cache.target import SparseTarget
+    from distill.losses import KDLossConfig, target_loss_sums
     from distill.models.head import CHUNKED_HEAD, FULL_LOGITS, HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     if dataset is None:
@@ -67,7 +71,7 @@ def evaluate_on_cache(model, tokenizer=None, dataset=None, *, batch_size: int = 
             batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             rows, head = rows_and_head(model, batch, full_logits=bool(full_logits))
-            sums = distillation_loss_sums(rows, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], cfg)
+            sums = target_loss_sums(rows, head, batch["targets"], SparseTarget.from_dict(batch), cfg)
             kl_sum += sums.kl_sum.double().cpu()
             agree_sum += sums.top1_agree.double().cpu()
             tokens += sums.n_tokens

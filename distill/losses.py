@@ -1,7 +1,9 @@
-"""Chunked sparse knowledge-distillation loss against a cached teacher top-k.
+"""Chunked sparse knowledge-distillation loss against a cached teacher target.
 
-The teacher cache holds, for every trained position, the teacher's top-k token ids and their
-log-probabilities normalised over the FULL vocabulary at the cache temperature `T_store`. The
+The teacher cache holds, for every trained position, a sparse target decoded by its codec
+(distill/cache/target.py): token ids and their log-probabilities normalised over the FULL vocabulary
+at the cache temperature `T_store`, either the exact top-k (codec "topk", no weights: the rules below)
+or an estimator with weights (sampled codecs: "Estimator targets" at the end). The
 student side starts from its final hidden states: they are projected through the model's own head
 (lm_head plus the model's logit scaling / soft-capping) a chunk of rows at a time, under activation
 checkpointing, so that only one [chunk, V] block of logits is alive at any moment, in the forward
@@ -87,6 +89,20 @@ divergence. For reverse KL the teacher's outcomes are floored at TAIL_EPS (a zer
 would make reverse KL infinite as soon as the student puts any mass outside the cache). The
 generalised JSD is JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p +
 (1 - beta) q, with beta strictly in (0, 1) (use forward-kl / reverse-kl for the limits).
+
+Estimator targets
+-----------------
+A target with weights w (sampled codecs) is read as KD = sum_j w_j (log p_j - log q_j) over its valid
+slots. With c_j draws of id j out of n from p, w_j = c_j / n; from a flattened proposal r, w_j =
+(p_j / r_j) c_j / n; an exact head stored beside tail draws has w_i = p_i and the tail draws
+w_j = p_tail c_j / n. In every case E[sum_j w_j f(j)] = sum_j p_j f(j) for any f, so KD is an unbiased
+estimate of KL(p || q) and its gradient, sum_j w_j (q - e_j) / T for the student's logits, is an
+unbiased estimate of the dense forward-KL gradient (q - p) / T. The top-k + tail bucket gradient is
+not: it pulls the tail tokens in the student's own proportions, not the teacher's. Only forward KL at
+T_store is served: re-tempering needs p^a normalised over the whole vocabulary, which draws cannot give
+without bias, and reverse KL / JSD need p at every token the student puts mass on. The `kl_sum`
+statistic is the same estimate (unbiased, noisy per row, may be negative); top-1 agreement compares
+with the most probable id among the slots.
 """
 
 from __future__ import annotations
@@ -315,9 +331,30 @@ def _renorm_pair(lt_topk: torch.Tensor, a: float, s: torch.Tensor, ids: torch.Te
 # --------------------------------------------------------------------------------------------------
 
 
-def _chunk_terms(head, config: KDLossConfig, h, tgt, ids, lp, stats_out: list | None):
+def _weighted_terms(config: KDLossConfig, z, lse1, ids, lp, w, valid, stats_out: list | None):
+    """KD sum of an estimator target (module doc, "Estimator targets"): sum_j w_j (log p_j - log q_j)."""
+    T = float(config.temperature)
+    s, lse = (z, lse1) if T == 1.0 else (z / T, torch.logsumexp(z / T, dim=1))
+    lq = s.gather(1, ids) - lse[:, None]
+    ok = valid if valid is not None else torch.ones_like(ids, dtype=torch.bool)
+    diff = torch.where(ok, lp.float() - lq, 0.0)
+    kd = (torch.where(ok, w.float(), 0.0) * diff).sum() * (T * T)
+    if stats_out is not None:
+        with torch.no_grad():
+            from distill.cache.target import teacher_top1
+
+            top1 = (z.argmax(dim=1) == teacher_top1(ids, lp, valid, w)).sum()
+            stats_out.append((kd.detach() / (T * T), top1))
+    return kd
+
+
+def _chunk_terms(head, config: KDLossConfig, h, tgt, ids, lp, stats_out: list | None, w=None, valid=None):
     """KD and CE sums of one chunk; optionally appends detached (kl_sum, top1) stats to stats_out."""
     z = _masked_logits(head(h), config.vocab_size)  # [C, V] at T = 1 (raw, model-scaled)
+    if w is not None:
+        lse1 = torch.logsumexp(z, dim=1)
+        ce = (lse1 - z.gather(1, tgt[:, None]).squeeze(1)).sum()
+        return _weighted_terms(config, z, lse1, ids, lp, w, valid, stats_out), ce
     T = float(config.temperature)
     T_store = float(config.cache_temperature)
     a = T_store / T
@@ -355,7 +392,7 @@ def _chunk_terms(head, config: KDLossConfig, h, tgt, ids, lp, stats_out: list | 
     return kd, ce
 
 
-def _validate(hidden, targets, topk_ids, topk_logprobs):
+def _validate(hidden, targets, topk_ids, topk_logprobs, weights=None, valid=None):
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     n = hidden.shape[:-1].numel()
@@ -366,6 +403,11 @@ def _validate(hidden, targets, topk_ids, topk_logprobs):
             f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} "
             f"must both be [..., k] over the {n} positions of hidden"
         )
+    for name, t in (("weights", weights), ("valid", valid)):
+        if t is not None and t.shape != topk_ids.shape:
+            raise ValueError(f"target {name} {tuple(t.shape)} must have the shape of the ids {tuple(topk_ids.shape)}")
+    if valid is not None and weights is None:
+        raise ValueError("padded slots (valid) come only with weights: an exact top-k target has none")
 
 
 def distillation_loss_sums(
@@ -375,22 +417,36 @@ def distillation_loss_sums(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     config: KDLossConfig | None = None,
+    *,
+    weights: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> LossSums:
     """KD and CE sums over the valid positions (targets != -100) of one micro-batch.
 
     hidden [N, H] (or [B, T, H]) final hidden states; head(h [C, H]) -> logits [C, V] (lm_head plus
-    the model's logit scaling/soft-capping); targets [N] (-100 = not trained); topk_ids [N, k] and
-    topk_logprobs [N, k] as in the cache batch contract. Only valid rows go through the head, a
-    chunk at a time under checkpointing. Combine the result with `combine_loss`.
+    the model's logit scaling/soft-capping); targets [N] (-100 = not trained); topk_ids [N, m] and
+    topk_logprobs [N, m], and for an estimator target `weights` [N, m] (and `valid` [N, m]), as in
+    the decoded sparse target contract (distill/cache/target.py; `target_loss_sums` takes one whole).
+    Only valid rows go through the head, a chunk at a time under checkpointing. Combine the result
+    with `combine_loss`.
     """
     config = config or KDLossConfig()
-    _validate(hidden, targets, topk_ids, topk_logprobs)
+    _validate(hidden, targets, topk_ids, topk_logprobs, weights, valid)
+    if weights is not None and (config.kind != "forward-kl" or config.temperature != config.cache_temperature):
+        raise DistillError(
+            "an estimator target (sampled cache) serves only forward-kl at the cache temperature "
+            f"({config.cache_temperature:g}), not {config.kind} at {config.temperature:g}"
+        )
     H = hidden.shape[-1]
     hidden = hidden.reshape(-1, H)
     targets = targets.reshape(-1)
     k = topk_ids.shape[-1]
     topk_ids = topk_ids.reshape(-1, k)
     topk_logprobs = topk_logprobs.reshape(-1, k)
+    if weights is not None:
+        weights = weights.reshape(-1, k)
+    if valid is not None:
+        valid = valid.reshape(-1, k)
 
     idx = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(idx.numel())
@@ -403,6 +459,8 @@ def distillation_loss_sums(
     tgt = targets.index_select(0, idx).long()
     ids = topk_ids.index_select(0, idx).long()
     lp = topk_logprobs.index_select(0, idx)
+    w = weights.index_select(0, idx) if weights is not None else None
+    ok = valid.index_select(0, idx) if valid is not None else None
     limit = config.vocab_size
     bad_ids = (ids < 0) | ((ids >= limit) if limit is not None else torch.zeros_like(ids, dtype=torch.bool))
     bad_tgt = (tgt < 0) | ((tgt >= limit) if limit is not None else torch.zeros_like(tgt, dtype=torch.bool))
@@ -442,16 +500,27 @@ def distillation_loss_sums(
             # backward pass only rebuilds what autograd saved.
             calls = {"n": 0}
 
-            def fn(h_, tgt_, ids_, lp_, _calls=calls, _stats=stats):
+            def fn(h_, tgt_, ids_, lp_, w_, ok_, _calls=calls, _stats=stats):
                 _calls["n"] += 1
-                return _chunk_terms(head, config, h_, tgt_, ids_, lp_, _stats if _calls["n"] == 1 else None)
+                return _chunk_terms(head, config, h_, tgt_, ids_, lp_, _stats if _calls["n"] == 1 else None, w_, ok_)
 
-            kd, ce = checkpoint(fn, h[sl], tgt[sl], ids[sl], lp[sl], use_reentrant=False)
+            kd, ce = checkpoint(fn, h[sl], tgt[sl], ids[sl], lp[sl], _rows(w, sl), _rows(ok, sl), use_reentrant=False)
         else:
-            kd, ce = _chunk_terms(head, config, h[sl], tgt[sl], ids[sl], lp[sl], stats)
+            kd, ce = _chunk_terms(head, config, h[sl], tgt[sl], ids[sl], lp[sl], stats, _rows(w, sl), _rows(ok, sl))
         kd_total = kd if kd_total is None else kd_total + kd
         ce_total = ce if ce_total is None else ce_total + ce
         kl, top1 = stats[0]
         kl_total = kl_total + kl
         top1_total = top1_total + top1
     return LossSums(kd_total, ce_total, n, kl_total, top1_total)
+
+
+def _rows(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[sl]
+
+
+def target_loss_sums(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+                     target, config: KDLossConfig | None = None) -> LossSums:
+    """`distillation_loss_sums` for a decoded `SparseTarget` (any codec): `SparseTarget.from_dict(batch)`."""
+    return distillation_loss_sums(hidden, head, targets, target.ids, target.logprobs, config,
+                                  weights=target.weights, valid=target.valid)

@@ -323,9 +323,11 @@ def truncate_sample(sample: dict, max_length: int | None) -> dict:
     if positions is None:
         positions = torch.nonzero(torch.as_tensor(sample["loss_mask"]).bool()[1:]).flatten()
     n_rows = int((positions < max_length - 1).sum())
+    from distill.cache.target import BATCH_KEYS
+
+    rows = {key: sample[key][:n_rows] for key in BATCH_KEYS if sample.get(key) is not None}
     return {**sample, "input_ids": ids[:max_length], "loss_mask": sample["loss_mask"][:max_length],
-            "positions": positions[:n_rows], "topk_ids": sample["topk_ids"][:n_rows],
-            "topk_logprobs": sample["topk_logprobs"][:n_rows]}
+            "positions": positions[:n_rows], **rows}
 
 
 class TruncatedDataset:
@@ -352,29 +354,27 @@ def sample_lengths(dataset) -> list[int]:
 
 # ---- loss glue ----------------------------------------------------------------------------------
 
-def training_temperature(cfg: TrainConfig, cache_temperature: float) -> float:
-    """T_train: `cfg.temperature`, or the cache's when None. A temperature other than the cache's is
-    refused unless `cfg.retemper_tail` names how to re-temper the tail bucket: the k cached tokens
-    re-temper exactly, the tail (many tokens, one stored number) only approximately (docs/losses.md)."""
+def training_temperature(cfg: TrainConfig, cache_temperature: float, codec=None) -> float:
+    """T_train: `cfg.temperature`, or the cache's when None, checked by the cache's codec (`codec`, default
+    top-k): for top-k a temperature other than the cache's is refused unless `cfg.retemper_tail` names
+    how to re-temper the tail bucket (the k cached tokens re-temper exactly, the tail only
+    approximately, docs/losses.md); a sampled codec refuses any other temperature, and any loss but
+    forward-kl."""
     T_store = float(cache_temperature)
-    if cfg.temperature is None:
-        return T_store
-    T = float(cfg.temperature)
-    if not math.isclose(T, T_store, rel_tol=1e-9) and cfg.retemper_tail is None:
-        raise DistillError(
-            f"--temperature {T:g} differs from the cache's temperature {T_store:g}: the teacher's tail can only be "
-            f"re-tempered approximately; rebuild the cache at {T:g}, drop --temperature, or accept the "
-            "approximation with --retemper-tail uniform (recommended) or bucket"
-        )
+    T = T_store if cfg.temperature is None else float(cfg.temperature)
+    from distill.cache.codecs.topk import TopKCodec
+
+    check = codec.check_training if codec is not None else TopKCodec.check_temperature_rule
+    check(temperature=T, cache_temperature=T_store, tail_rule=cfg.retemper_tail, loss=cfg.loss)
     return T
 
 
-def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.0):
+def loss_config(cfg: TrainConfig, vocab_size: int, cache_temperature: float = 1.0, codec=None):
     """The loss module's config for this run; `vocab_size` is the tokenizer length (wider logits -> -inf)."""
     from distill.losses import KDLossConfig
 
     extra = {"tail_rule": cfg.retemper_tail} if cfg.retemper_tail is not None else {}
-    return KDLossConfig(kind=cfg.loss, temperature=training_temperature(cfg, cache_temperature),
+    return KDLossConfig(kind=cfg.loss, temperature=training_temperature(cfg, cache_temperature, codec),
                         cache_temperature=float(cache_temperature), beta=cfg.jsd_beta, vocab_size=vocab_size,
                         chunk_size=cfg.loss_chunk_size, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, **extra)
 
@@ -384,11 +384,12 @@ def batch_loss_sums(model, batch: dict, loss_cfg, *, full_logits: bool = False):
 
     `full_logits`: the model's own logits instead, for a model whose head check failed (`check_head`).
     """
-    from distill.losses import distillation_loss_sums
+    from distill.cache.target import SparseTarget
+    from distill.losses import target_loss_sums
     from distill.models.head import rows_and_head
 
     rows, head = rows_and_head(model, batch, full_logits=full_logits)
-    return distillation_loss_sums(rows, head, batch["targets"], batch["topk_ids"], batch["topk_logprobs"], loss_cfg)
+    return target_loss_sums(rows, head, batch["targets"], SparseTarget.from_dict(batch), loss_cfg)
 
 
 def check_student_head(model, sample: dict, accelerator):
@@ -464,7 +465,11 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     if cfg.max_length is not None:
         dataset = TruncatedDataset(dataset, cfg.max_length)
     cache_temperature = float(manifest.temperature) if manifest else 1.0
-    loss_cfg = loss_config(cfg, len(tokenizer), cache_temperature)  # refuses a temperature mismatch early
+    from distill.cache.codecs import codec_for_manifest
+
+    codec = codec_for_manifest(manifest) if manifest else None
+    # refuses a temperature (or loss) the cache's codec cannot serve, before the model loads
+    loss_cfg = loss_config(cfg, len(tokenizer), cache_temperature, codec)
     n = len(dataset)
     if n == 0:
         raise DistillError(f"cache {cfg.cache} holds no samples")
@@ -487,6 +492,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
                   "tokenizer_fingerprint": manifest.tokenizer_fingerprint if manifest else None,
                   "teacher": manifest.teacher if manifest else None,
                   "k": manifest.k if manifest else None,
+                  "codec": manifest.codec if manifest else None,
+                  "codec_params": manifest.codec_params if manifest else None,
                   "temperature": manifest.temperature if manifest else None,
                   "num_samples": n,
                   "manifest_sha256": _manifest_hash(cfg.cache) if manifest else None},

@@ -1,12 +1,16 @@
-"""Run a teacher over a data set and write its top-k next-token log-probs to a cache (the runner).
+"""Run a teacher over a data set and write its next-token distributions to a cache (the runner).
+
+What is stored per trained position is the codec's business (`distill.cache.codecs`, `--codec`, default
+"topk": the k most likely ids and their log-probs).
 
 Order of work, so that mistakes cost seconds, not hours: check arguments and the output directory, load
 and tokenize the data, load the tokenizer (k vs vocabulary), then the model, then open the writer (which
 refuses a cache made with something else), then stream shards.
 
 The teacher is a backend (`teachers.backends`, `--backend`, default "hf"): this runner never touches the
-model, it asks the backend for the top-k of each trained position (`score`) and records the backend's
-identity and build information in the manifest.
+model, it asks the backend for the top-k of each trained position (`score`), or, for a codec that needs
+the whole distribution (sampling), hands the codec's `reduce` to the backend (`score_rows`); it records
+the backend's identity and build information in the manifest.
 
 Shard j always holds samples [j*shard_size, (j+1)*shard_size) in data order; inside a shard, samples are
 batched by length (little padding). Batching is a pure function of the data and options, so a resumed
@@ -26,12 +30,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from distill.cache.codecs import DEFAULT_CODEC, codec_from_options, get_codec
 from distill.cache.format import Manifest, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
 from distill.errors import DistillError
 
-VALUE_DTYPE_CHOICES = ("fp16", "bf16")
 # Test hook: seconds to sleep after each committed shard, so a test can SIGKILL a build mid-way.
 _SHARD_DELAY_ENV = "DISTILL_TEST_SHARD_DELAY"
 
@@ -52,6 +56,14 @@ def length_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int
     return batches
 
 
+def _score(backend, coder, seqs, positions, sample_indices, temperature: float) -> dict[str, torch.Tensor]:
+    """Teacher rows of one batch for the codec: the backend's top-k, or the codec's reduction of full rows."""
+    if not coder.needs_full_rows:
+        ids, lps = backend.score(seqs, positions, k=coder.k, temperature=temperature)
+        return {"ids": ids, "logprobs": lps}
+    raise DistillError(f"codec {coder.name} needs full teacher rows, which this build cannot give")
+
+
 def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
     h = hashlib.sha256()
     for ids, mask in samples:
@@ -67,7 +79,7 @@ def build_cache(
     data: str | Path | None,
     out: str | Path,
     *,
-    top_k: int,
+    top_k: int | None = None,
     temperature: float = 1.0,
     max_length: int = 2048,
     dtype: str = "fp16",
@@ -89,22 +101,21 @@ def build_cache(
     progress: bool = True,
     log=None,
     backend: str = "hf",
+    codec: str = DEFAULT_CODEC,
 ) -> Manifest:
     """Build (or resume) a teacher cache in `out` and return its final manifest.
 
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
-    the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`).
+    the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`),
+    `codec` the cache codec (`distill.cache.codecs.CODECS`; `top_k` and `dtype` are its options).
     Raises DistillError for every user mistake, before any output is written.
     """
     from teachers.backends import check_backend, get_backend
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    if top_k < 1:
-        raise DistillError(f"--top-k must be at least 1, got {top_k}")
+    codec_params = codec_from_options(codec, top_k=top_k, value_dtype=dtype)
     if not temperature > 0:
         raise DistillError(f"--temperature must be positive, got {temperature}")
-    if dtype not in VALUE_DTYPE_CHOICES:
-        raise DistillError(f"--dtype must be one of {', '.join(VALUE_DTYPE_CHOICES)}, got {dtype!r}")
     if max_length < 2:
         raise DistillError(f"--max-length must be at least 2, got {max_length}")
     if batch_size < 1 or shard_size < 1 or (batch_tokens is not None and batch_tokens < 1):
@@ -129,10 +140,11 @@ def build_cache(
                                   trust_remote_code=trust_remote_code, revision=revision)
     tok = teacher_backend.tokenizer
     vocab = teacher_backend.vocab_size
-    if top_k >= vocab:
+    coder = get_codec(codec, codec_params, vocab_size=vocab, id_dtype=id_dtype_for(vocab))
+    if coder.k >= vocab:
         # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
         # leaves a spurious tail mass that no student can match.
-        raise DistillError(f"--top-k {top_k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
+        raise DistillError(f"--top-k {coder.k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
 
     samples: list[tuple[list[int], list[int]]] = []
     truncated = dropped_tokens = no_trained = 0
@@ -158,10 +170,10 @@ def build_cache(
         tokenizer_length=vocab,
         logits_width=width,
         pad_id=int(tok.pad_token_id),
-        k=int(top_k),
+        k=coder.k,
         temperature=float(temperature),
-        value_dtype=dtype,
-        id_dtype=id_dtype_for(vocab),
+        value_dtype=coder.value_dtype,
+        id_dtype=coder.id_dtype,
         num_samples=n,
         data={
             "source": str(data) if data is not None else "records",
@@ -169,6 +181,8 @@ def build_cache(
             "max_length": int(max_length),
             "shard_size": int(shard_size),
         },
+        codec=codec,
+        codec_params=coder.params,
         build={
             "truncated_samples": truncated, "truncated_tokens": dropped_tokens,
             "samples_without_trained_tokens": no_trained, **teacher_backend.build_info,
@@ -207,14 +221,16 @@ def build_cache(
                 seqs = [window[i][0] for i in batch]
                 pos = [trained_positions(np.asarray(window[i][1])) for i in batch]
                 if sum(len(p) for p in pos):
-                    ids, lps = teacher_backend.score(seqs, pos, k=top_k, temperature=temperature)
+                    rows = _score(teacher_backend, coder, seqs, pos, [start + i for i in batch], temperature)
                 else:  # nothing to score in this batch (all prompts, or cut by --max-length)
-                    ids, lps = torch.zeros((0, top_k), dtype=torch.int64), torch.zeros((0, top_k))
+                    rows = coder.empty_rows()
                 a = 0
                 for b, i in enumerate(batch):
                     r = len(pos[b])
+                    part = {key: t[a:a + r] for key, t in rows.items()}
                     results[i] = CachedSample(
-                        np.asarray(window[i][0]), np.asarray(window[i][1], dtype=np.uint8), ids[a:a + r], lps[a:a + r]
+                        np.asarray(window[i][0]), np.asarray(window[i][1], dtype=np.uint8), part.pop("ids"),
+                        part.pop("logprobs"), part,
                     )
                     a += r
                 ntok = sum(len(s) for s in seqs)

@@ -15,9 +15,11 @@ import typer
 
 def cache_summary(path: str | Path) -> dict:
     """The figures `distill cache info` shows, as a dict (also used by --json)."""
+    from distill.cache.codecs import codec_for_manifest
     from distill.cache.format import read_manifest
 
     m = read_manifest(path)
+    codec = codec_for_manifest(m)
     tokens = m.num_tokens
     return {
         "path": str(path),
@@ -31,6 +33,8 @@ def cache_summary(path: str | Path) -> dict:
         "vocab": m.tokenizer_length,
         "logits_width": m.logits_width,
         "codec": m.codec,
+        "codec_params": m.codec_params,
+        "training_temperatures": codec.exact_temperatures,
         "format_version": m.format_version,
         "value_dtype": m.value_dtype,
         "id_dtype": m.id_dtype,
@@ -38,6 +42,8 @@ def cache_summary(path: str | Path) -> dict:
         "bytes": m.total_bytes,
         "bytes_per_token": round(m.total_bytes / tokens, 2) if tokens else None,
         "bytes_per_trained_position": round(m.total_bytes / m.num_rows, 2) if m.num_rows else None,
+        # the codec's tensors alone (without the tokens, the mask and the offsets every codec shares)
+        "codec_bytes_per_trained_position": round(m.codec_bytes / m.num_rows, 2) if m.num_rows and m.codec_bytes else None,
         "mean_tail_mass": round(m.mean_tail_mass, 6),
         "teacher": m.teacher.get("name_or_path"),
         "teacher_config_hash": m.teacher.get("config_hash"),
@@ -52,7 +58,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         teacher: str = typer.Option(..., "--teacher", help="Teacher: model directory, hub id, or a .gguf file."),
         data: str = typer.Option(..., "--data", help="JSONL/Parquet file, saved datasets dir, or hub data set id."),
         out: Path = typer.Option(..., "--out", help="Cache directory (new, empty, or a cache to resume)."),
-        top_k: int = typer.Option(..., "--top-k", help="Number of teacher tokens stored per position."),
+        top_k: Optional[int] = typer.Option(None, "--top-k", help="Codec topk: number of teacher tokens stored per position."),
         temperature: float = typer.Option(1.0, "--temperature", help="Log-probs are log_softmax(logits / T)."),
         max_length: int = typer.Option(2048, "--max-length", help="Sequences are cut to this many tokens (counted)."),
         dtype: str = typer.Option("fp16", "--dtype", help="Stored log-prob dtype: fp16 or bf16."),
@@ -70,9 +76,10 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         teacher_dtype: Optional[str] = typer.Option(None, "--teacher-dtype", help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the teacher."),
         backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
+        codec: str = typer.Option("topk", "--codec", help="What is stored per position: topk (the k most likely ids and log-probs)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
-        """Run a teacher over a data set and cache its top-k next-token log-probs (resumable)."""
+        """Run a teacher over a data set and cache its next-token distributions (resumable)."""
         from distill.data.records import parse_field_map
         from teachers.cache_build import build_cache
 
@@ -81,7 +88,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
             batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=parse_field_map(field),
             split=split, data_config=data_config, limit=limit, as_chat=chat, trust_remote_code=trust_remote_code,
             quant=quant, device=device, teacher_dtype=teacher_dtype, revision=revision, progress=not no_progress,
-            backend=backend,
+            backend=backend, codec=codec,
         )
 
     @cache_app.command("info")

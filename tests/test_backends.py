@@ -69,7 +69,7 @@ def test_backend_name_is_recorded_and_resume_needs_the_same_backend(tiny_model_d
     assert alt.teacher["backend"] == "alt" and alt.build["backend"] == "alt"
     # same weights, same numbers: the registry only changed which class ran them
     a, b = CacheReader(tmp_path / "hf"), CacheReader(tmp_path / "alt")
-    assert all(torch.equal(a[i]["topk_ids"], b[i]["topk_ids"]) for i in range(len(RECORDS)))
+    assert all(torch.equal(a[i]["target_ids"], b[i]["target_ids"]) for i in range(len(RECORDS)))
     with pytest.raises(DistillError, match="different teacher"):
         build_cache(str(tiny_model_dir), None, tmp_path / "alt", top_k=4, records=RECORDS, progress=False,
                     log=lambda m: None, backend="hf")

@@ -44,7 +44,7 @@ def test_ece_matches_a_full_logits_reference(tiny_cache, tiny_student_dir):
     valid = batch["targets"] != -100
     probs = torch.softmax(logits[valid][:, : len(tok)], dim=-1)
     conf, pred = probs.max(-1)
-    hit = pred == batch["topk_ids"][valid][:, 0]
+    hit = pred == batch["target_ids"][valid][:, 0]
     assert got["tokens"] == int(valid.sum())
     assert got["top1_agreement"] == pytest.approx(float(hit.float().mean()))
     assert got["ece"] == pytest.approx(expected_calibration_error(conf.tolist(), hit.tolist()), abs=1e-5)

@@ -66,10 +66,10 @@ def _check_against_dense(cache, teacher_dir, records, temperature, max_length=64
             logits = model(torch.tensor([ids])).logits[0].float()
         dense = torch.log_softmax(logits[:, :V] / temperature, dim=-1)
         pos = [t for t in range(len(ids) - 1) if mask[t + 1]]
-        assert s["positions"].tolist() == pos and s["topk_ids"].shape == (len(pos), k)
+        assert s["positions"].tolist() == pos and s["target_ids"].shape == (len(pos), k)
         d = dense[pos]
         dvals, dids = d.topk(k, dim=-1)
-        cvals, cids = s["topk_logprobs"], s["topk_ids"]
+        cvals, cids = s["target_logprobs"], s["target_ids"]
         # values at the cached ids equal the dense log-probs (fp16 rounding only)
         assert torch.allclose(d.gather(1, cids), cvals, atol=2e-3, rtol=1e-3)
         # the cached ids are the top-k (exactly, where the dense values are not near-ties)
@@ -108,7 +108,7 @@ def test_padded_logits_are_excluded(tmp_path, padded_teacher_dir, temperature):
     verify_cache(out)
     reader = CacheReader(out)
     for i in range(len(reader)):
-        assert (reader[i]["topk_ids"] < 320).all()
+        assert (reader[i]["target_ids"] < 320).all()
     # bf16 keeps ~3 significant digits: looser tolerance than fp16
     from transformers import AutoModelForCausalLM
 
@@ -120,10 +120,10 @@ def test_padded_logits_are_excluded(tmp_path, padded_teacher_dir, temperature):
             logits = model(torch.tensor([ids])).logits[0]
         s = reader[i]
         dense = torch.log_softmax(logits[s["positions"], :320] / temperature, -1)
-        assert torch.allclose(dense.gather(1, s["topk_ids"]), s["topk_logprobs"], atol=3e-2, rtol=1e-2)
+        assert torch.allclose(dense.gather(1, s["target_ids"]), s["target_logprobs"], atol=3e-2, rtol=1e-2)
         # the padded columns really dominate the full-width softmax, so including them would show
         assert logits[s["positions"], 320:].max(-1).values.min() > logits[s["positions"], :320].max(-1).values.max()
-        assert torch.allclose(s["topk_logprobs"], dense.topk(5).values, atol=3e-2, rtol=1e-2)
+        assert torch.allclose(s["target_logprobs"], dense.topk(5).values, atol=3e-2, rtol=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +161,16 @@ def test_position_convention_with_known_answer(tmp_path, successor_teacher_dir):
     assert torch.equal(batch["targets"][:, :-1][trained[:, :-1]], ids[:, 1:][trained[:, :-1]])
     assert not trained[:, -1].any()
     # the top-1 entry at t is the teacher's prediction from token t: f(input_ids[t]), with probability ~1
-    top1 = batch["topk_ids"][..., 0]
+    top1 = batch["target_ids"][..., 0]
     assert torch.equal(top1[trained], (ids[trained] + 1) % V)
-    assert (batch["topk_logprobs"][..., 0][trained] > -0.05).all()
+    assert (batch["target_logprobs"][..., 0][trained] > -0.05).all()
     # and neither neighbour's prediction (an off-by-one would produce those)
     shifted = torch.zeros_like(ids)
     shifted[:, :-1] = (ids[:, 1:] + 1) % V
     differs = trained & (ids != torch.roll(ids, -1, dims=1))
     assert (top1[differs] != shifted[differs]).all()
     # untrained positions carry no teacher data
-    assert (batch["topk_ids"][~trained] == 0).all() and (batch["topk_logprobs"][~trained] == 0).all()
+    assert (batch["target_ids"][~trained] == 0).all() and (batch["target_logprobs"][~trained] == 0).all()
     assert len(CacheDataset(reader, indices=[0, 2])) == 2
 
 

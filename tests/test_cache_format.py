@@ -56,12 +56,12 @@ def test_roundtrip_and_collate(tmp_path, value_dtype):
     for i, s in enumerate(samples):
         got = r[i]
         assert got["input_ids"].tolist() == list(s.input_ids)
-        assert torch.equal(got["topk_ids"], s.topk_ids)
-        assert torch.allclose(got["topk_logprobs"], s.topk_logprobs, atol=tol, rtol=tol)
+        assert torch.equal(got["target_ids"], s.ids)
+        assert torch.allclose(got["target_logprobs"], s.logprobs, atol=tol, rtol=tol)
     batch = collate([r[1], r[4], r[6]], pad_id=0)
     T = max(len(samples[i].input_ids) for i in (1, 4, 6))
-    assert batch["input_ids"].shape == (3, T) and batch["topk_ids"].shape == (3, T, 4)
-    assert batch["topk_logprobs"].dtype == torch.float32 and batch["targets"].dtype == torch.int64
+    assert batch["input_ids"].shape == (3, T) and batch["target_ids"].shape == (3, T, 4)
+    assert batch["target_logprobs"].dtype == torch.float32 and batch["targets"].dtype == torch.int64
     for b, i in enumerate((1, 4, 6)):
         s = samples[i]
         L = len(s.input_ids)
@@ -70,9 +70,9 @@ def test_roundtrip_and_collate(tmp_path, value_dtype):
         expect = torch.full((T,), -100)
         expect[pos] = torch.as_tensor(s.input_ids[pos + 1])
         assert torch.equal(batch["targets"][b], expect)
-        assert torch.equal(batch["topk_ids"][b, pos], s.topk_ids)
+        assert torch.equal(batch["target_ids"][b, pos], s.ids)
         untrained = batch["targets"][b] == -100
-        assert (batch["topk_ids"][b][untrained] == 0).all() and (batch["topk_logprobs"][b][untrained] == 0).all()
+        assert (batch["target_ids"][b][untrained] == 0).all() and (batch["target_logprobs"][b][untrained] == 0).all()
     ds = CacheDataset(r, indices=[5, 2])
     assert len(ds) == 2 and ds[0]["index"] == 5
     tr, ev = split_indices(10, 0.2)
@@ -85,7 +85,7 @@ def test_reader_refusals(tmp_path):
         CacheReader(path, expect_fingerprint="sha256:other")
     with pytest.raises(DistillError, match="top-4"):
         CacheReader(path, expect_k=8)
-    assert CacheReader(path, expect_k=2)[0]["topk_ids"].shape[1] == 2
+    assert CacheReader(path, expect_k=2)[0]["target_ids"].shape[1] == 2
     man = json.loads((path / "manifest.json").read_text())
     for key, value, msg in [("codec", "sampled-v9", "codec"), ("format_version", FORMAT_VERSION + 1, "upgrade")]:
         bad = dict(man, **{key: value})

@@ -28,7 +28,7 @@ def _row_masses(cache) -> np.ndarray:
     from distill.cache.reader import CacheReader
 
     reader = CacheReader(cache)
-    rows = [reader[i]["topk_logprobs"].double() for i in range(len(reader))]
+    rows = [reader[i]["target_logprobs"].double() for i in range(len(reader))]
     return torch.cat(rows).exp().sum(1).numpy()
 
 

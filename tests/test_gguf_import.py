@@ -49,12 +49,12 @@ def test_smollm2_import_builds_and_verifies_a_cache(tmp_path, smollm2_dir):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     # known answers: the teacher's top-1 after "The capital of France is" is " Paris"; after "4," it is " 5"
     s = reader[1]
-    assert tok.decode(s["topk_ids"][0, 0]).strip() == "Paris"
-    assert s["topk_logprobs"][0, 0] > -1.0
+    assert tok.decode(s["target_ids"][0, 0]).strip() == "Paris"
+    assert s["target_logprobs"][0, 0] > -1.0
     s = reader[2]  # SmolLM2 splits " 5" into " " + "5": rows 0 and 1 predict those two tokens
-    assert tok.decode(s["topk_ids"][:2, 0]) == " 5"
+    assert tok.decode(s["target_ids"][:2, 0]) == " 5"
     batch = collate([reader[i] for i in range(3)], pad_id=reader.manifest.pad_id)
     trained = batch["targets"] != -100
-    top1_agree = (batch["topk_ids"][..., 0][trained] == batch["targets"][trained]).float().mean()
+    top1_agree = (batch["target_ids"][..., 0][trained] == batch["targets"][trained]).float().mean()
     assert top1_agree > 0.6  # the teacher mostly predicts its own canonical answers
-    assert torch.isfinite(batch["topk_logprobs"]).all()
+    assert torch.isfinite(batch["target_logprobs"]).all()

@@ -139,11 +139,11 @@ def test_truncate_sample_keeps_exactly_the_rows_inside():
     positions = torch.nonzero(mask[1:]).flatten()  # 2..8: row t predicts token t+1
     k = 3
     sample = {"input_ids": ids, "loss_mask": mask, "positions": positions,
-              "topk_ids": torch.arange(len(positions) * k).view(-1, k), "topk_logprobs": -torch.rand(len(positions), k)}
+              "target_ids": torch.arange(len(positions) * k).view(-1, k), "target_logprobs": -torch.rand(len(positions), k)}
     cut = truncate_sample(sample, 6)
     assert cut["input_ids"].tolist() == list(range(10, 16)) and cut["loss_mask"].tolist() == mask[:6].tolist()
     assert cut["positions"].tolist() == [2, 3, 4]  # t + 1 <= 5
-    assert torch.equal(cut["topk_ids"], sample["topk_ids"][:3]) and torch.equal(cut["topk_logprobs"], sample["topk_logprobs"][:3])
+    assert torch.equal(cut["target_ids"], sample["target_ids"][:3]) and torch.equal(cut["target_logprobs"], sample["target_logprobs"][:3])
     batch = collate([cut], pad_id=0)
     assert batch["targets"][0].tolist() == [-100, -100, 13, 14, 15, -100]
     assert truncate_sample(sample, 10) is sample and truncate_sample(sample, None) is sample

@@ -6,7 +6,7 @@ the stored log-probs, the model's logits divided by the cache temperature). This
 expected calibration error in its own pass:
 
     confidence = the model's top-1 probability (temperature 1, as deployed)
-    hit        = the model's argmax equals the TEACHER's top-1 token (topk_ids[..., 0])
+    hit        = the model's argmax equals the TEACHER's top-1 token (the cache's most probable stored id)
 
 i.e. "when the student is 80% sure, does it agree with the teacher 80% of the time". The teacher's
 top-1 is used rather than the cached trace's actual next token because the teacher's distribution is
@@ -44,7 +44,7 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
     import torch
 
     from distill.cache.reader import CacheDataset, collate
-
+    from distill.cache.target import SparseTarget, teacher_top1
     from distill.models.head import HEAD_CHECK_TOKENS, check_head, rows_and_head
 
     indices = list(range(len(reader)))[: max_samples or None]
@@ -64,14 +64,14 @@ def calibration_pass(model, reader, *, vocab_size: int, batch_size: int = 4, num
             if not bool(valid.any()):
                 continue
             h = hidden[valid]
-            tids = batch["topk_ids"][valid]
+            tgt = SparseTarget.from_dict(batch)
+            top1 = teacher_top1(tgt.ids, tgt.logprobs, tgt.valid, tgt.weights)[valid]
             for s in range(0, h.shape[0], ROW_CHUNK):
                 logits = head(h[s : s + ROW_CHUNK]).float()
                 if logits.shape[-1] > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
-                ids = tids[s : s + ROW_CHUNK]
                 conf, pred = torch.softmax(logits, dim=-1).max(dim=-1)
-                hit = pred == ids[:, 0]
+                hit = pred == top1[s : s + ROW_CHUNK]
                 bins.update(conf, hit)
                 agree += float(hit.sum())
                 tokens += int(hit.numel())

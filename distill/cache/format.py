@@ -18,39 +18,39 @@ from typing import Any
 
 import numpy as np
 
+from distill.cache.codecs import id_dtype_for  # noqa: F401  (re-exported: the writer's id rule)
+from distill.cache.codecs.values import LOGPROB_FLOOR, VALUE_DTYPES  # noqa: F401  (re-exported)
 from distill.errors import DistillError
 from distill.io import atomic_write_bytes
 
 FORMAT_NAME = "distill-teacher-cache"
-FORMAT_VERSION = 1
-# Codec of the per-position distribution. "topk" = the k most likely ids, sorted by descending log-prob,
-# rows stored only for trained positions. Future codecs (e.g. "sampled" token sets with counts) get new
-# names; readers refuse a codec they do not know instead of misreading it.
+# Version 2 adds `codec_params` (the codec's parameters) and per-shard `codec_bytes`; version 1 caches
+# (codec "topk", parameters in `k` / `value_dtype`) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# The codec of the per-position distribution (distill/cache/codecs): "topk" = the k most likely ids,
+# sorted by descending log-prob, rows stored only for trained positions. Readers refuse a codec they
+# do not know instead of misreading it.
 CODEC_TOPK = "topk"
-KNOWN_CODECS = (CODEC_TOPK,)
 POSITION_CONVENTION = (
     "row for position t = teacher distribution of token t+1 given tokens 0..t; rows are stored only "
     "for trained positions t (loss_mask[t+1] == 1), in increasing t"
 )
 MANIFEST_NAME = "manifest.json"
 SHARD_RE = re.compile(r"^shard-r(\d{2,})-(\d{5,})\.safetensors$")
-VALUE_DTYPES = {"fp16": "F16", "bf16": "BF16"}
-# Log-probs below this are clamped before storage: exp() is 0 in fp32 either way, and fp16 stays finite.
-LOGPROB_FLOOR = -1.0e4
 
-# Tensor names inside a shard.
+# Tensor names every shard holds, whatever its codec; the codec adds its own (`Codec.tensor_names`).
 T_INPUT_IDS = "input_ids"  # [N_tokens] ids, concatenated sequences
 T_LOSS_MASK = "loss_mask"  # [N_tokens] uint8, 1 = completion (trained) token
 T_SEQ_OFFSETS = "seq_offsets"  # [n+1] int64 token offsets of each sample
 T_ROW_OFFSETS = "row_offsets"  # [n+1] int64 row offsets of each sample
-T_TOPK_IDS = "topk_ids"  # [N_rows, k] ids
-T_TOPK_LOGPROBS = "topk_logprobs"  # [N_rows, k] fp16/bf16
-SHARD_TENSORS = (T_INPUT_IDS, T_LOSS_MASK, T_SEQ_OFFSETS, T_ROW_OFFSETS, T_TOPK_IDS, T_TOPK_LOGPROBS)
+COMMON_TENSORS = (T_INPUT_IDS, T_LOSS_MASK, T_SEQ_OFFSETS, T_ROW_OFFSETS)
 
 
-def id_dtype_for(vocab_size: int) -> str:
-    """Smallest integer type that holds every token id: uint16 below 65,536, else int32."""
-    return "uint16" if vocab_size <= 65536 else "int32"
+def known_codecs() -> list[str]:
+    from distill.cache.codecs import CODECS
+
+    return list(CODECS)
 
 
 def shard_name(rank: int, index: int) -> str:
@@ -68,7 +68,8 @@ class ShardInfo:
     num_rows: int
     bytes: int
     sha256: str
-    tail_mass_sum: float  # sum over rows of 1 - sum(exp(topk_logprobs)), in fp32 before rounding
+    tail_mass_sum: float  # sum over rows of the mass outside the stored exact ids (top-k: 1 - sum p), fp32
+    codec_bytes: int = 0  # bytes of the codec's tensors (the rest: the common tensors and the header)
 
 
 @dataclass
@@ -80,9 +81,9 @@ class Manifest:
     tokenizer_length: int
     logits_width: int
     pad_id: int
-    k: int
+    k: int  # exact top-k head size of the codec (0 for a codec without one)
     temperature: float
-    value_dtype: str  # "fp16" | "bf16"
+    value_dtype: str  # stored log-prob dtype: "fp16" | "bf16" (| "q8")
     id_dtype: str  # "uint16" | "int32"
     num_samples: int
     data: dict[str, Any]
@@ -92,7 +93,12 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     codec: str = CODEC_TOPK
+    codec_params: dict[str, Any] = field(default_factory=dict)
     position_convention: str = POSITION_CONVENTION
+
+    def __post_init__(self):
+        if not self.codec_params and self.codec == CODEC_TOPK:  # top-k parameters given as the fields
+            self.codec_params = {"k": int(self.k), "value_dtype": self.value_dtype}
 
     # ---- derived figures -------------------------------------------------------------------
     @property
@@ -112,6 +118,10 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     @property
+    def codec_bytes(self) -> int:
+        return sum(s.codec_bytes for s in self.shards)
+
+    @property
     def mean_tail_mass(self) -> float:
         rows = self.num_rows
         return sum(s.tail_mass_sum for s in self.shards) / rows if rows else 0.0
@@ -125,13 +135,16 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise DistillError(f"{where} is not a distill teacher cache manifest (format != {FORMAT_NAME!r})")
         version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise DistillError(
-                f"{where} has cache format version {version}, this distill reads up to {FORMAT_VERSION}: upgrade distill"
+                f"{where} has cache format version {version}, this distill reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade distill"
             )
         codec = d.get("codec")
-        if codec not in KNOWN_CODECS:
-            raise DistillError(f"{where} uses codec {codec!r}, this distill reads only {list(KNOWN_CODECS)}: upgrade distill")
+        if codec not in known_codecs():
+            raise DistillError(f"{where} uses codec {codec!r}, this distill reads only {known_codecs()}: upgrade distill")
+        if version == 1:  # version 1: codec topk, its parameters in the top-level fields
+            d = dict(d, codec_params={"k": d.get("k"), "value_dtype": d.get("value_dtype", "fp16")})
         try:
             shards = [ShardInfo(**s) for s in d.get("shards", [])]
             fields = {k: v for k, v in d.items() if k != "shards"}

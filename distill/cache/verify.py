@@ -1,5 +1,8 @@
 """Check a cache end to end: manifest, every shard's checksum, structure and value ranges.
 
+The common tensors (ids, mask, offsets, rows per sample) are checked here; the codec's tensors by the
+codec (`Codec.verify`), whose one-line reason names the faulty shard.
+
 `verify_cache` raises DistillError naming the first faulty shard; `distill cache verify` turns that into
 exit code 1. Checks are vectorised so that verifying costs about one read of the cache.
 """
@@ -11,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.cache.codecs import ID_TAGS, CodecError, codec_for_manifest
+from distill.cache.codecs.topk import max_topk_mass  # noqa: F401  (re-exported)
+from distill.cache.codecs.values import FP32_SLACK, UNIT_ROUNDOFF  # noqa: F401  (re-exported)
 from distill.cache.format import (
-    SHARD_TENSORS,
+    COMMON_TENSORS,
     T_INPUT_IDS,
     T_LOSS_MASK,
     T_ROW_OFFSETS,
     T_SEQ_OFFSETS,
-    T_TOPK_IDS,
-    T_TOPK_LOGPROBS,
-    VALUE_DTYPES,
     mmap_safetensors,
     read_manifest,
 )
@@ -34,44 +37,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _values_fp32(tag: str, arr: np.ndarray) -> np.ndarray:
-    if tag == "BF16":
-        return (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(arr, dtype=np.float32)
-
-
-# Unit roundoff of round-to-nearest in each stored value dtype: |stored - exact| <= u * |exact|.
-UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-# Relative error of the fp32 log-softmax the values come from (shared normaliser + per-entry rounding),
-# generous for scaled logits |z/T| up to a few thousand.
-FP32_SLACK = 1e-3
-
-
-def max_topk_mass(k: int, value_dtype: str) -> float:
-    """The largest sum of exp(stored log-prob) over a row of k values that rounding alone can produce.
-
-    Exact top-k probabilities sum to at most 1. A stored value is the fp32 log-prob x <= 0 rounded to
-    nearest in the value dtype, with unit roundoff u (fp16 2^-11, bf16 2^-8): |x' - x| <= u|x| while x is
-    a normal number, so x' <= (1 - u) x and p' = exp(x') <= p^(1-u). Under sum p_i <= 1 the sum of
-    p_i^(1-u) is largest when the k probabilities are equal (t -> t^(1-u) is concave): k * k^-(1-u) = k^u
-    (bf16: 1.0164 at k = 64, 1.0275 at k = 1,024; fp16: 1.0020 at k = 64). The exceptions stay far
-    inside FP32_SLACK: an fp16 subnormal (|x| < 2^-14, p > 0.99993) has an absolute error <= 2^-25,
-    i.e. p' <= p * (1 + 3e-8); bf16 subnormals lie below 1e-38; the clamp at LOGPROB_FLOOR (-10,000)
-    only raises values whose exp is 0 in float64. The fp32 values themselves carry the error of the
-    log-softmax that made them (FP32_SLACK).
-    """
-    u = UNIT_ROUNDOFF.get(value_dtype, UNIT_ROUNDOFF["bf16"])
-    return float(max(1, k)) ** u * (1.0 + FP32_SLACK)
-
-
 def verify_cache(path: str | Path, *, allow_incomplete: bool = False) -> None:
     """Raise DistillError naming the faulty shard (or manifest problem); return None when the cache is sound."""
     path = Path(path)
     m = read_manifest(path)
     if not m.complete and not allow_incomplete:
         raise DistillError(f"cache {path} is incomplete ({m.num_cached_samples}/{m.num_samples} samples); rerun the build to finish it")
-    id_tag = "U16" if m.id_dtype == "uint16" else "I32"
-    val_tag = VALUE_DTYPES.get(m.value_dtype)
+    id_tag = ID_TAGS.get(m.id_dtype)
+    codec = codec_for_manifest(m)
     covered = 0
     for s in sorted(m.shards, key=lambda s: s.start):
         if m.complete and s.start != covered:
@@ -93,7 +66,7 @@ def verify_cache(path: str | Path, *, allow_incomplete: bool = False) -> None:
             maps = mmap_safetensors(f)
         except DistillError as err:
             raise bad(str(err)) from None
-        for t in SHARD_TENSORS:
+        for t in (*COMMON_TENSORS, *codec.tensor_names):
             if t not in maps:
                 raise bad(f"tensor {t!r} missing")
         n = s.end - s.start
@@ -101,18 +74,16 @@ def verify_cache(path: str | Path, *, allow_incomplete: bool = False) -> None:
         _, mask = maps[T_LOSS_MASK]
         _, seq_off = maps[T_SEQ_OFFSETS]
         _, row_off = maps[T_ROW_OFFSETS]
-        tag_tid, tid = maps[T_TOPK_IDS]
-        tag_val, val = maps[T_TOPK_LOGPROBS]
-        if tag_ids != id_tag or tag_tid != id_tag or tag_val != val_tag:
-            raise bad(f"dtypes {tag_ids}/{tag_tid}/{tag_val}, manifest says {id_tag}/{val_tag}")
+        if tag_ids != id_tag:
+            raise bad(f"input_ids dtype {tag_ids}, manifest says {id_tag}")
         if seq_off.shape != (n + 1,) or row_off.shape != (n + 1,):
             raise bad(f"offsets do not describe {n} samples")
         if seq_off[0] != 0 or row_off[0] != 0 or np.any(np.diff(seq_off) < 0) or np.any(np.diff(row_off) < 0):
             raise bad("offsets are not increasing from 0")
         if int(seq_off[-1]) != ids.shape[0] or mask.shape != ids.shape or int(seq_off[-1]) != s.num_tokens:
             raise bad("token count does not match offsets/manifest")
-        if tid.ndim != 2 or tid.shape != val.shape or tid.shape[1] != m.k or tid.shape[0] != s.num_rows or int(row_off[-1]) != s.num_rows:
-            raise bad(f"top-k arrays have shape {tid.shape}, expected ({s.num_rows}, {m.k})")
+        if int(row_off[-1]) != s.num_rows:
+            raise bad(f"row offsets end at {int(row_off[-1])}, manifest says {s.num_rows} rows")
         # rows per sample = positions whose next token is trained, within the sample
         m8 = np.asarray(mask).astype(bool)
         nxt = np.zeros_like(m8)
@@ -124,21 +95,14 @@ def verify_cache(path: str | Path, *, allow_incomplete: bool = False) -> None:
         expect = np.zeros(n, np.int64)
         expect[nonempty] = rows_per
         if not np.array_equal(expect, np.diff(row_off)):
-            raise bad("number of top-k rows does not match the loss mask")
+            raise bad("number of teacher rows does not match the loss mask")
         if ids.size and int(np.asarray(ids).max()) >= m.tokenizer_length:
             raise bad("token id past the tokenizer length")
-        if tid.size:
-            if int(np.asarray(tid).max()) >= m.tokenizer_length:
-                raise bad("top-k id past the tokenizer length")
-            v = _values_fp32(tag_val, val)
-            if not np.all(np.isfinite(v)) or np.any(v > 1e-3):
-                raise bad("log-probs not finite or above 0")
-            if v.shape[1] > 1 and np.any(np.diff(v, axis=1) > 1e-6):
-                raise bad("top-k log-probs are not sorted in descending order")
-            mass = np.exp(v.astype(np.float64)).sum(axis=1)
-            limit = max_topk_mass(m.k, m.value_dtype)
-            if np.any(mass > limit):
-                raise bad(f"top-k probabilities sum to {mass.max():.4f}, past 1 by more than {m.value_dtype} "
-                          f"rounding allows ({limit:.4f} at k={m.k})")
+        try:
+            codec.verify(maps, s.num_rows)
+        except CodecError as err:
+            raise bad(str(err)) from None
+        except (ValueError, IndexError, TypeError) as err:  # malformed codec tensors the codec did not foresee
+            raise bad(f"{codec.name} tensors are malformed ({err})") from None
     if m.complete and covered != m.num_samples:
         raise DistillError(f"manifest of {path}: shards cover {covered} of {m.num_samples} samples")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,16 +20,14 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from distill.cache.codecs import ID_TORCH, codec_for_manifest
 from distill.cache.format import (
-    LOGPROB_FLOOR,
     MANIFEST_NAME,
     SHARD_RE,
     T_INPUT_IDS,
     T_LOSS_MASK,
     T_ROW_OFFSETS,
     T_SEQ_OFFSETS,
-    T_TOPK_IDS,
-    T_TOPK_LOGPROBS,
     Manifest,
     ShardInfo,
     read_manifest,
@@ -42,18 +40,27 @@ from distill.io import atomic_write_bytes
 # Manifest fields that decide the content of a cache: resuming requires all of them to be equal.
 IDENTITY_FIELDS = (
     "teacher", "tokenizer_fingerprint", "tokenizer_length", "logits_width", "pad_id", "k", "temperature",
-    "value_dtype", "id_dtype", "num_samples", "data", "format_version", "codec",
+    "value_dtype", "id_dtype", "num_samples", "data", "format_version", "codec", "codec_params",
 )
 
 
 @dataclass
 class CachedSample:
-    """One sequence ready to be written: ids, mask, and the top-k rows of its trained positions."""
+    """One sequence ready to be written: ids, mask, and the teacher rows of its trained positions.
+
+    The rows are what the codec encodes: `ids` and `logprobs` [R, ...] (top-k: the k most likely ids
+    and their fp32 log-probs, rounded on write), plus whatever else the codec's `reduce` produced
+    (`extra`, e.g. draw counts), every tensor with one row per trained position.
+    """
 
     input_ids: np.ndarray  # [L] int
     loss_mask: np.ndarray  # [L] uint8/bool
-    topk_ids: torch.Tensor  # [R, k] int
-    topk_logprobs: torch.Tensor  # [R, k] float32 (rounded to the value dtype on write)
+    ids: torch.Tensor  # [R, ...] int
+    logprobs: torch.Tensor  # [R, ...] float32
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        return {"ids": self.ids, "logprobs": self.logprobs, **self.extra}
 
 
 def trained_positions(loss_mask: np.ndarray) -> np.ndarray:
@@ -97,6 +104,7 @@ class CacheWriter:
             manifest.shards = [s for s in old.shards if (self.out / s.file).is_file()]
             manifest.complete = old.complete and len(manifest.shards) == len(old.shards)
         self.manifest = manifest
+        self.codec = codec_for_manifest(manifest)
         for stale in self.out.glob("*.tmp"):  # leftovers of a killed write; never part of the cache
             stale.unlink(missing_ok=True)
         write_manifest(self.out, self.manifest)
@@ -106,27 +114,25 @@ class CacheWriter:
 
     def write_shard(self, index: int, start: int, samples: Sequence[CachedSample]) -> ShardInfo:
         m = self.manifest
-        id_t = torch.uint16 if m.id_dtype == "uint16" else torch.int32
-        val_t = torch.float16 if m.value_dtype == "fp16" else torch.bfloat16
+        id_t = ID_TORCH[m.id_dtype]
         lens = [len(s.input_ids) for s in samples]
-        rows = [int(s.topk_ids.shape[0]) for s in samples]
+        rows = [int(s.ids.shape[0]) for s in samples]
         for s, r in zip(samples, rows):
             expect = len(trained_positions(s.loss_mask))
-            if r != expect or (r and s.topk_ids.shape[1] != m.k):
-                raise ValueError(f"sample has {r} rows of width {s.topk_ids.shape}, expected {expect} x {m.k}")
+            bad = [name for name, t in s.rows().items() if int(t.shape[0]) != expect]
+            if bad:
+                raise ValueError(f"sample has {r} teacher rows ({', '.join(bad)}), expected {expect}")
         ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples]) if samples else np.zeros(0, np.int64)
         mask = np.concatenate([np.asarray(s.loss_mask, dtype=np.uint8) for s in samples]) if samples else np.zeros(0, np.uint8)
-        k = m.k
-        top_ids = torch.cat([s.topk_ids.reshape(-1, k) for s in samples]) if samples else torch.zeros(0, k)
-        top_lp = torch.cat([s.topk_logprobs.reshape(-1, k).float() for s in samples]) if samples else torch.zeros(0, k)
-        tail = (1.0 - top_lp.exp().sum(-1)).sum().item() if top_lp.numel() else 0.0
+        keys = list(samples[0].rows()) if samples else []
+        joined = {key: torch.cat([s.rows()[key] for s in samples]) for key in keys}
+        codec_tensors, tail = self.codec.encode(joined if samples else self.codec.empty_rows())
         tensors = {
             T_INPUT_IDS: torch.from_numpy(ids).to(id_t),
             T_LOSS_MASK: torch.from_numpy(mask),
             T_SEQ_OFFSETS: torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64),
             T_ROW_OFFSETS: torch.tensor(np.concatenate([[0], np.cumsum(rows)]), dtype=torch.int64),
-            T_TOPK_IDS: top_ids.to(torch.int64).to(id_t).contiguous(),
-            T_TOPK_LOGPROBS: top_lp.clamp_min(LOGPROB_FLOOR).to(val_t).contiguous(),
+            **codec_tensors,
         }
         blob = st_save(tensors)  # no metadata: its key order is random per process, and bytes must be reproducible
         name = shard_name(self.rank, index)
@@ -135,6 +141,7 @@ class CacheWriter:
             file=name, rank=self.rank, index=index, start=start, end=start + len(samples),
             num_tokens=int(sum(lens)), num_rows=int(sum(rows)), bytes=len(blob),
             sha256=hashlib.sha256(blob).hexdigest(), tail_mass_sum=float(tail),
+            codec_bytes=int(sum(t.numel() * t.element_size() for t in codec_tensors.values())),
         )
         m.shards = [s for s in m.shards if not (s.rank == self.rank and s.index == index)] + [info]
         m.shards.sort(key=lambda s: (s.start, s.rank))
