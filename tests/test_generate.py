@@ -15,7 +15,7 @@ import torch
 
 import cli
 from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, sample_completions
-from distill.testing import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 from teachers.generate import generate_traces, read_traces
 
 QUESTIONS = ["What is 2 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?", "x"]

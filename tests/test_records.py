@@ -114,7 +114,7 @@ def sp_llama(tmp_path_factory):
     from transformers.tokenization_utils_base import generate_merges
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    from distill.testing import _CORPUS
+    from helpers import _CORPUS
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -32,7 +32,7 @@ def _qwen2_teacher(directory: Path) -> Path:
     """A tiny 4-layer Qwen2 with sliding-window layers: its config has a per-layer `layer_types` list."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from distill.testing import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,

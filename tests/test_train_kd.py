@@ -16,7 +16,7 @@ def pruned_pair(tmp_path_factory):
     teacher is reachable with LoRA; the ground-truth completion tokens are not the teacher's choices.
     """
     from conftest import _kd_records
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
     from students.init_student import init_student
     from teachers.cache_build import build_cache
 
