@@ -193,7 +193,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "missing.jsonl"], "data file not found"),
+    (["--data", "missing.jsonl"], "problems not found"),
     (["--samples", "0"], "--samples must be at least 1"),
     (["--top-p", "0"], "--top-p must be in"),
     (["--field", "question"], "--field"),

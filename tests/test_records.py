@@ -58,7 +58,7 @@ def test_bad_sources_and_fields(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DistillError, match="assistant"):
         load_records(tmp_path / "m.jsonl")
-    with pytest.raises(DistillError, match="NAME=COLUMN"):
+    with pytest.raises(DistillError, match="FIELD=COLUMN"):
         parse_field_map(["prompt"])
     with pytest.raises(DistillError, match="one of"):
         parse_field_map(["question=prompt"])

@@ -12,7 +12,7 @@ import pytest
 from distill.data.gsm8k import gold_answer, load_gsm8k
 from distill.data.synthetic import synthetic_problems, write_jsonl
 from distill.errors import DistillError
-from teachers.generate import load_problems
+from distill.data.problems import load_problems
 from teachers.verify import answers_match, extract_answer
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
