@@ -215,3 +215,32 @@ def test_tail_rules_match_the_loss():
 
 def test_teacher_generate_reads_the_training_split_by_default():
     assert _click_params(["teacher", "generate"])["split"].default == "train"
+
+
+def _commands(command, path=()):
+    if hasattr(command, "commands"):  # a group (typer ships its own click classes)
+        for name, sub in command.commands.items():
+            yield from _commands(sub, path + (name,))
+    else:
+        yield " ".join(path), command
+
+
+def test_cli_conventions_hold_for_every_command():
+    """`--out` is a path everywhere, progress is `--progress/--no-progress` everywhere, no command
+    names a run folder `--run-dir`, and `--field` always maps FIELD=COLUMN."""
+    import typing
+
+    seen_out = 0
+    for name, command in _commands(typer.main.get_command(cli.app)):
+        for p in command.params:
+            flags = set(p.opts) | set(p.secondary_opts)
+            if "--out" in flags:
+                seen_out += 1
+                annotation = p.type_descriptor.annotation
+                assert Path in (annotation, *typing.get_args(annotation)), f"distill {name} --out is not a path"
+            if p.name == "progress":
+                assert p.opts == ["--progress"] and p.secondary_opts == ["--no-progress"], name
+            assert "--run-dir" not in flags and "--no-progress" not in p.opts, name
+            if "--field" in flags:
+                assert p.multiple and "FIELD=COLUMN" in (p.metavar or ""), name
+    assert seen_out >= 9
