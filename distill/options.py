@@ -263,8 +263,10 @@ def _coerce(key: str, value, tp, base_dir: Path | None):
             raise bad
         return value
     if kind == "path":
+        if value == "" and _optional(tp)[1]:
+            return None  # "" was how older configs wrote "no path"
         if not isinstance(value, str) or not value:
-            raise bad
+            raise DistillError(f"config key '{key}' must be a path, got {type(value).__name__} {value!r}")
         path = Path(value).expanduser()
         return (base_dir / path).resolve() if base_dir is not None and not path.is_absolute() else path
     if kind == "list":

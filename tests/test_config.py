@@ -244,3 +244,10 @@ def test_cli_conventions_hold_for_every_command():
             if "--field" in flags:
                 assert p.multiple and "FIELD=COLUMN" in (p.metavar or ""), name
     assert seen_out >= 9
+
+
+def test_paths_resolve_against_the_config_folder_and_empty_means_unset(tmp_path):
+    cfg = load_config(write(tmp_path, "[teacher]\ngguf = 'models/t.gguf'\n[data]\npath = ''\n"))
+    assert cfg.teacher.gguf == (tmp_path / "models" / "t.gguf").resolve() and cfg.data.path is None
+    with pytest.raises(DistillError, match="config key 'run.dir' must be a path"):
+        load_config(write(tmp_path, "[run]\ndir = ''\n"))
