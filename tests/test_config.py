@@ -35,7 +35,7 @@ def test_defaults_and_overrides(tmp_path):
         ("[trian]\nsteps = 3\n", "[trian]"),
         ("[train]\nsteps = 'many'\n", "train.steps"),
         ("[train]\nquant = 'nf3'\n", "train.quant"),
-        ("[student]\nquant = 'nf4'\n", "student.quant"),  # moved to [train]: an unknown key now
+        ("[student]\nquant = 'nf4'\n", "moved: write it as train.quant"),
         ("[cache]\ntop_k = 0\n", "cache.top_k"),
         ("[filter]\nrequire_format = 1\n", "filter.require_format"),
         ("[train]\nkd_weight = 0\nce_weight = 0\n", "train.kd_weight"),

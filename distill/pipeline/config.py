@@ -130,6 +130,11 @@ SECTIONS: dict[str, Section] = {
 }
 
 
+# Keys that moved when each section became its stage's settings: a config written before says where to.
+MOVED = {f"student.{k}": f"train.{k}" for k in ("quant", "lora_r", "lora_alpha", "lora_dropout",
+                                                 "gradient_checkpointing", "trust_remote_code")}
+
+
 def _section(name: str):
     spec = SECTIONS[name]
     return field(default_factory=lambda: blank(spec.cls))
@@ -178,6 +183,10 @@ def config_from_dict(raw: dict, base_dir: Path | None = None) -> RunConfig:
         if name not in SECTIONS:
             raise DistillError(f"unknown config section [{name}]; known: {', '.join(SECTIONS)}")
         spec = SECTIONS[name]
+        for key in table if isinstance(table, dict) else ():
+            if f"{name}.{key}" in MOVED:
+                raise DistillError(f"config key '{name}.{key}' moved: write it as {MOVED[f'{name}.{key}']} "
+                                   f"(the [train] section takes every option of `distill train`)")
         settings_from_table(spec.cls, table, name, base_dir=base_dir, exclude=spec.wired, into=getattr(config, name))
     if base_dir is not None and not config.run.dir.is_absolute():
         config.run.dir = (base_dir / config.run.dir).resolve()
