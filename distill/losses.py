@@ -10,7 +10,7 @@ checkpointing, so that only one [chunk, V] block of logits is alive at any momen
 and in the backward pass. The [N, V] logits of a whole batch are never built (at V = 262,144 and
 4k tokens they alone would be 4 GiB in fp32).
 
-Every rule below is a bug that shipped in another tool (DESIGN.md section 4):
+Every rule below is a bug that shipped in another tool (docs/losses.md lists them):
 
 * The default divergence is forward KL over the k cached tokens PLUS one tail bucket holding the
   rest of the vocabulary. Renormalising over the k tokens ("forward-kl-renorm") is offered by name

@@ -20,11 +20,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from distill.errors import DistillError
 from distill.io import atomic_directory
 from distill.models.devices import DTYPE_NAMES as DTYPES
+from distill.options import option, validate
 
 FORMATS = ("merged", "bnb-4bit")
+
+
+@dataclass
+class ExportConfig:
+    """`distill export` and the `[export]` section of a run config (declared once)."""
+
+    run: Path = option(help="Run directory of `distill train`.", argument=True)
+    out: Path = option(help="Directory for the exported model.")
+    format: str = option("merged", "merged (bf16/fp16 safetensors) or bnb-4bit (loads straight into NF4).", choices=FORMATS)
+    dtype: str = option("bf16", "Weights dtype (merged) or compute dtype (bnb-4bit).", choices=tuple(DTYPES))
+    checkpoint: str | None = option(None, "Export a checkpoint (step-XXXXXX or latest) instead of final/.")
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -76,16 +90,15 @@ def merged_model(run: dict, adapter_dir: Path, *, dtype: str = "bf16"):
     return model, tokenizer
 
 
-def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dtype: str = "bf16", *,
-               checkpoint: str | None = None, overwrite: bool = False) -> dict:
-    """Write the exported model to `out`; return a summary (format, dtype, files, parameters)."""
+def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, **settings) -> dict:
+    """Write the exported model to `out`; return a summary (format, dtype, files, parameters).
+
+    `settings` are the other `ExportConfig` fields (format, dtype, checkpoint), checked there.
+    """
     from distill.models import default_device, load_model, parse_dtype
 
-    if format not in FORMATS:
-        raise DistillError(f"--format {format!r} is unknown; use one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise DistillError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    run_dir, out = Path(run_dir), Path(out)
+    cfg = validate(ExportConfig(run=Path(run), out=Path(out), **settings))
+    run_dir, out, format, dtype, checkpoint = cfg.run, cfg.out, cfg.format, cfg.dtype, cfg.checkpoint
     run = read_run(run_dir)
     adapter = adapter_dir_of(run_dir, checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -14,10 +14,22 @@ construction; the kept layers' weights are then copied in under their new indice
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
 from distill.io import atomic_directory
+from distill.options import option, validate
+
+
+@dataclass
+class StudentInitConfig:
+    """`distill student init` and the `[student]` section of a run config (declared once)."""
+
+    teacher: str = option(help="Teacher model directory (or hub id).")
+    out: Path = option(help="New model directory for the student.")
+    keep_layers: str = option("every:2", "Layers to keep: every:N, first:N, last:N or a list like 0,2,4-7.")
+    trust_remote_code: bool = option(False, "Allow the teacher's model directory to run its own code.")
 
 
 def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
@@ -91,12 +103,16 @@ def pruned_config(config, keep: list[int]):
     return new
 
 
-def init_student(teacher: str | Path, out: str | Path, keep_layers: str, *, trust_remote_code: bool = False, overwrite: bool = False) -> dict:
-    """Write a layer-subset student of `teacher` to `out`. Returns a summary dict."""
+def init_student(teacher: str | Path, out: str | Path, *, overwrite: bool = False, **settings) -> dict:
+    """Write a layer-subset student of `teacher` to `out`. Returns a summary dict.
+
+    `settings` are the other `StudentInitConfig` fields (keep_layers, trust_remote_code): their defaults
+    and checks live there, once for the CLI, the run config and this call.
+    """
     from distill.models import load_model, load_tokenizer, model_from_config, resolve_source
 
-    teacher = str(teacher)
-    out = Path(out)
+    cfg = validate(StudentInitConfig(teacher=str(teacher), out=Path(out), **settings))
+    teacher, out, keep_layers, trust_remote_code = cfg.teacher, cfg.out, cfg.keep_layers, cfg.trust_remote_code
     source = resolve_source(teacher, what="teacher")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out} already exists and is not empty; pick a new --out directory")

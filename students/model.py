@@ -1,6 +1,6 @@
 """Build a student: any Hugging Face causal LM as NF4 / int8 / unquantized base plus LoRA adapters.
 
-QLoRA recipe (DESIGN.md section 5): NF4 base weights with double quantization, bf16 compute on a GPU
+QLoRA recipe (docs/training.md): NF4 base weights with double quantization, bf16 compute on a GPU
 (fp32 on the CPU, where bitsandbytes' kernels and autograd are happiest), the norms and embeddings kept
 in fp32 (`prepare_model_for_kbit_training`), LoRA on every linear layer except the output head, and
 gradient checkpointing. bitsandbytes 0.50 runs NF4 and int8 layers on the CPU, so the whole path is

@@ -2,8 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches. The loss of every micro-batch is a SUM over its valid
 tokens divided by the number of valid tokens in the WHOLE step (counted before the first backward), so
-k micro-batches give exactly the gradient of one batch of k (DESIGN.md section 4; torchtune and
-axolotl both shipped this wrong).
+k micro-batches give exactly the gradient of one batch of k (docs/losses.md; torchtune and axolotl
+both shipped this wrong).
 
 Determinism and resume: the data order of epoch e is a permutation drawn from `seed + e` by its own
 generator, and micro-batches are formed from it deterministically, so a data position is just
@@ -34,110 +34,88 @@ from typing import Callable, Iterator, Sequence
 
 from distill.errors import DistillError
 from distill.io import atomic_write_json, atomic_write_text
+from distill.models.quant import QUANT_CHOICES
+from distill.options import option, plain_dict, validate
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CHOICES = ("forward-kl", "forward-kl-renorm", "reverse-kl", "jsd")
+TAIL_RULES = ("uniform", "bucket")  # distill.losses.TAIL_RULES (a test keeps them equal; losses imports torch)
+OPTIMIZERS = ("auto", "adamw", "paged-adamw-8bit")
 # Config fields that may change between a run and its --resume (they do not change the numbers).
 RESUMABLE_CHANGES = ("resume", "eval_every", "save_every", "keep_checkpoints", "progress", "log_every")
 
 
 @dataclass
 class TrainConfig:
-    student: str
-    cache: str
-    out: str
+    """Everything `distill train` and the `[train]` section of a run config take (declared once:
+    `distill.options` derives the CLI options and the config keys from these fields)."""
+
+    student: str = option(help="Student model directory or hub id.")
+    cache: str = option(help="Teacher cache directory (from `distill cache build`).")
+    out: Path = option(help="Run directory (run.json, metrics.jsonl, checkpoints/, final/).")
     # student
-    quant: str = "nf4"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    gradient_checkpointing: bool = True
-    trust_remote_code: bool = False
+    quant: str = option("nf4", "Base weights: nf4 (4-bit, double quant), int8, or none.", choices=QUANT_CHOICES)
+    lora_r: int = option(16, "LoRA rank.", minimum=1)
+    lora_alpha: int = option(32, "LoRA alpha (the adapters are scaled by alpha / r).", exclusive_minimum=0)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, exclusive_maximum=1)
+    lora_targets: list[str] | None = option(None, "Comma-separated module names (default: all linear layers).", sep=",")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (less memory, ~1/3 more compute).")
+    trust_remote_code: bool = option(False, "Allow the student's model directory to run its own code.")
     # loss
-    loss: str = "forward-kl"
-    temperature: float | None = None  # None: the cache's temperature (its manifest)
-    retemper_tail: str | None = None  # None: refuse a temperature other than the cache's; uniform | bucket
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    jsd_beta: float = 0.5
-    loss_chunk_size: int | None = None  # None: automatic (distill.losses.KDLossConfig.rows_per_chunk)
+    loss: str = option("forward-kl", "forward-kl (top-k + tail), forward-kl-renorm, reverse-kl or jsd.", choices=LOSS_CHOICES)
+    temperature: float | None = option(None, "Training temperature (KD term scaled by T^2); default: the cache's. "
+                                       "Another one needs --retemper-tail.", exclusive_minimum=0)
+    retemper_tail: str | None = option(None, "Accept a temperature other than the cache's, re-tempering the teacher's "
+                                       "tail as: uniform (recommended, spread over the uncached tokens) or bucket (one token).",
+                                       choices=TAIL_RULES)
+    kd_weight: float = option(1.0, "Weight of the distillation term.", minimum=0)
+    ce_weight: float = option(0.0, "Weight of cross-entropy on the completion tokens.", minimum=0)
+    jsd_beta: float = option(0.5, "Mixing weight of --loss jsd.", exclusive_minimum=0, exclusive_maximum=1)
+    loss_chunk_size: int | None = option(None, "Rows of logits per loss chunk (default: automatic, <= 256 MiB of fp32 logits).",
+                                         minimum=1)
     # schedule
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"  # auto | adamw | paged-adamw-8bit
+    steps: int | None = option(None, "Optimizer steps (default: --epochs, or one epoch).", minimum=1)
+    epochs: float | None = option(None, "Passes over the training samples (instead of --steps).", exclusive_minimum=0)
+    lr: float = option(2e-4, "Peak learning rate (cosine schedule).", exclusive_minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0)
+    warmup_steps: int | None = option(None, "Linear warm-up steps (default: --warmup-ratio of the steps).", minimum=0)
+    warmup_ratio: float = option(0.03, "Warm-up share of the steps when --warmup-steps is not given.", minimum=0, maximum=1)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", minimum=0)
+    optimizer: str = option("auto", "auto (paged 8-bit AdamW on CUDA, AdamW on CPU), adamw, paged-adamw-8bit.", choices=OPTIMIZERS)
     # data
-    batch_size: int | None = None
-    batch_tokens: int | None = None
-    grad_accum: int = 1
-    max_length: int | None = None  # cut every cached sample to this many tokens (and its rows) at training time
-    eval_fraction: float = 0.05
-    eval_samples: int | None = None
-    eval_batch_size: int = 8
-    eval_every: int = 50
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    log_every: int = 1
-    progress: bool = True
-    resume: bool = False
+    batch_size: int | None = option(None, "Sequences per micro-batch (default 8).", minimum=1)
+    batch_tokens: int | None = option(None, "Padded tokens per micro-batch (instead of --batch-size).", minimum=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", minimum=1)
+    max_length: int | None = option(None, "Cut every cached sample to this many tokens (default: as cached).", minimum=2)
+    eval_fraction: float = option(0.05, "Held-out share of the cache (deterministic split).", minimum=0, exclusive_maximum=1)
+    eval_samples: int | None = option(None, "Cap on held-out samples evaluated.", minimum=0)
+    eval_batch_size: int = option(8, "Sequences per evaluation batch.", minimum=1)
+    eval_every: int = option(50, "Evaluate every N steps (0: only at the end).", minimum=0)
+    save_every: int = option(100, "Checkpoint every N steps (0: never).", minimum=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (the newest).", minimum=1)
+    seed: int = option(0, "Seed of the data order, the held-out split and the adapters' initialisation.")
+    log_every: int = option(1, "Write a metrics line every N steps (0: never).", minimum=0)
+    progress: bool = option(True, "Show a progress bar.")
+    resume: bool = option(False, "Continue the run in --out from its last checkpoint.")
+
+    def check(self, name) -> None:
+        """Rules across fields (each field's own bounds and choices are declared above)."""
+        if self.steps is not None and self.epochs is not None:
+            raise DistillError(f"give either {name('steps')} or {name('epochs')}, not both")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise DistillError(f"give either {name('batch_size')} or {name('batch_tokens')}, not both")
+        if self.kd_weight + self.ce_weight == 0:
+            raise DistillError(f"{name('kd_weight')} and {name('ce_weight')} must not both be 0: nothing would be trained")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
 
 # ---- validation ---------------------------------------------------------------------------------
 
 def _validate(cfg: TrainConfig) -> None:
-    from distill.models.quant import QUANT_CHOICES
-
-    if cfg.quant not in QUANT_CHOICES:
-        raise DistillError(f"--quant {cfg.quant!r} is unknown; use one of {', '.join(QUANT_CHOICES)}")
-    if cfg.loss not in LOSS_CHOICES:
-        raise DistillError(f"--loss {cfg.loss!r} is unknown; use one of {', '.join(LOSS_CHOICES)}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise DistillError("give either --steps or --epochs, not both")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise DistillError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise DistillError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.batch_size is not None and cfg.batch_tokens is not None:
-        raise DistillError("give either --batch-size or --batch-tokens, not both")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise DistillError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
-        raise DistillError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}")
-    if cfg.grad_accum < 1:
-        raise DistillError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
-    if cfg.temperature is not None and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
-        raise DistillError(f"--temperature must be positive, got {cfg.temperature}")
-    from distill.losses import TAIL_RULES
-
-    if cfg.retemper_tail is not None and cfg.retemper_tail not in TAIL_RULES:
-        raise DistillError(f"--retemper-tail {cfg.retemper_tail!r} is unknown; use one of {', '.join(TAIL_RULES)}")
-    if cfg.loss_chunk_size is not None and cfg.loss_chunk_size < 1:
-        raise DistillError(f"--loss-chunk-size must be at least 1, got {cfg.loss_chunk_size}")
-    if cfg.max_length is not None and cfg.max_length < 2:
-        raise DistillError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")
-    if cfg.kd_weight < 0 or cfg.ce_weight < 0 or cfg.kd_weight + cfg.ce_weight == 0:
-        raise DistillError("--kd-weight and --ce-weight must be >= 0 and not both 0")
-    if cfg.lr <= 0:
-        raise DistillError(f"--lr must be positive, got {cfg.lr}")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise DistillError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if cfg.eval_samples is not None and cfg.eval_samples < 0:
-        raise DistillError(f"--eval-samples must be >= 0, got {cfg.eval_samples}")
-    if cfg.optimizer not in ("auto", "adamw", "paged-adamw-8bit"):
-        raise DistillError(f"--optimizer {cfg.optimizer!r} is unknown; use auto, adamw or paged-adamw-8bit")
-    for name in ("eval_every", "save_every", "log_every"):
-        if getattr(cfg, name) < 0:
-            raise DistillError(f"--{name.replace('_', '-')} must be >= 0")
+    validate(cfg)
 
 
 # ---- data plan ----------------------------------------------------------------------------------

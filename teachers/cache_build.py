@@ -35,7 +35,8 @@ from distill.cache.format import Manifest, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
 from distill.errors import DistillError
-
+from distill.options import validate
+from teachers.cache_settings import VALUE_DTYPE_CHOICES, CacheBuildConfig  # noqa: F401 (re-exported)
 # Test hook: seconds to sleep after each committed shard, so a test can SIGKILL a build mid-way.
 _SHARD_DELAY_ENV = "DISTILL_TEST_SHARD_DELAY"
 
@@ -79,32 +80,15 @@ def build_cache(
     data: str | Path | None,
     out: str | Path,
     *,
-    top_k: int | None = None,
-    temperature: float = 1.0,
-    max_length: int = 2048,
-    dtype: str = "fp16",
-    batch_size: int = 8,
-    batch_tokens: int | None = 16384,
-    shard_size: int = 1024,
-    fields: Mapping[str, str] | None = None,
-    split: str | None = None,
-    data_config: str | None = None,
-    limit: int | None = None,
-    as_chat: bool = False,
     records: Sequence[Mapping[str, Any]] | None = None,
-    trust_remote_code: bool = False,
-    quant: str = "none",
-    device: str | None = None,
-    teacher_dtype: str | None = None,
-    revision: str | None = None,
     rank: int = 0,
-    progress: bool = True,
     log=None,
-    backend: str = "hf",
-    codec: str = DEFAULT_CODEC,
+    **settings,
 ) -> Manifest:
     """Build (or resume) a teacher cache in `out` and return its final manifest.
 
+    `settings` are the other `CacheBuildConfig` fields (top_k, temperature, max_length, dtype, ...):
+    their defaults and checks live there, once for the CLI, the run config and this call.
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
     the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`),
     `codec` the cache codec (`distill.cache.codecs.CODECS`; `top_k` and `dtype` are its options).
@@ -112,14 +96,16 @@ def build_cache(
     """
     from teachers.backends import check_backend, get_backend
 
+    cfg = validate(CacheBuildConfig(teacher=str(teacher), data=None if data is None else str(data), out=Path(out),
+                                    **settings))
+    (top_k, temperature, max_length, dtype, batch_size, batch_tokens, shard_size, fields, split, data_config, limit,
+     as_chat, trust_remote_code, quant, device, teacher_dtype, revision, backend, progress) = (
+        cfg.top_k, cfg.temperature, cfg.max_length, cfg.dtype, cfg.batch_size, cfg.batch_tokens, cfg.shard_size,
+        cfg.fields, cfg.split, cfg.data_config, cfg.limit, cfg.as_chat, cfg.trust_remote_code, cfg.quant, cfg.device,
+        cfg.teacher_dtype, cfg.revision, cfg.backend, cfg.progress)
+    codec = cfg.codec
     say = log or (lambda msg: print(msg, file=sys.stderr))
     codec_params = codec_from_options(codec, top_k=top_k, value_dtype=dtype)
-    if not temperature > 0:
-        raise DistillError(f"--temperature must be positive, got {temperature}")
-    if max_length < 2:
-        raise DistillError(f"--max-length must be at least 2, got {max_length}")
-    if batch_size < 1 or shard_size < 1 or (batch_tokens is not None and batch_tokens < 1):
-        raise DistillError("--batch-size, --batch-tokens and --shard-size must be positive")
     check_backend(backend)
     out = Path(out)
     check_output_dir(out)

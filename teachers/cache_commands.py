@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
+
+from distill.options import typer_command
+from teachers.cache_settings import CacheBuildConfig
 
 
 def cache_summary(path: str | Path) -> dict:
@@ -53,43 +55,14 @@ def cache_summary(path: str | Path) -> dict:
 
 
 def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
-    @cache_app.command("build")
-    def build(
-        teacher: str = typer.Option(..., "--teacher", help="Teacher: model directory, hub id, or a .gguf file."),
-        data: str = typer.Option(..., "--data", help="JSONL/Parquet file, saved datasets dir, or hub data set id."),
-        out: Path = typer.Option(..., "--out", help="Cache directory (new, empty, or a cache to resume)."),
-        top_k: Optional[int] = typer.Option(None, "--top-k", help="Codec topk: number of teacher tokens stored per position."),
-        temperature: float = typer.Option(1.0, "--temperature", help="Log-probs are log_softmax(logits / T)."),
-        max_length: int = typer.Option(2048, "--max-length", help="Sequences are cut to this many tokens (counted)."),
-        dtype: str = typer.Option("fp16", "--dtype", help="Stored log-prob dtype: fp16 or bf16."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Max sequences per teacher forward."),
-        batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Max padded tokens per teacher forward."),
-        shard_size: int = typer.Option(1024, "--shard-size", help="Sequences per shard (the unit of resume)."),
-        field: Optional[List[str]] = typer.Option(None, "--field", help="Map a field: NAME=COLUMN, NAME in prompt, completion, messages, text."),
-        split: Optional[str] = typer.Option(None, "--split", help="Data set split (default train)."),
-        data_config: Optional[str] = typer.Option(None, "--data-config", help="Hub data set config name (e.g. main for gsm8k)."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N records."),
-        chat: bool = typer.Option(False, "--chat", help="Wrap prompt/completion records in the chat template."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the teacher's own Python code to run."),
-        quant: str = typer.Option("none", "--quant", help="Load the teacher as none, nf4 or int8."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-        teacher_dtype: Optional[str] = typer.Option(None, "--teacher-dtype", help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
-        revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the teacher."),
-        backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
-        codec: str = typer.Option("topk", "--codec", help="What is stored per position: topk (the k most likely ids and log-probs)."),
-        no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    ) -> None:
-        """Run a teacher over a data set and cache its next-token distributions (resumable)."""
-        from distill.data.records import parse_field_map
+    def build(cfg: CacheBuildConfig) -> None:
+        """Run a teacher over a data set and cache its top-k next-token log-probs (resumable)."""
         from teachers.cache_build import build_cache
 
-        build_cache(
-            teacher, data, out, top_k=top_k, temperature=temperature, max_length=max_length, dtype=dtype,
-            batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=parse_field_map(field),
-            split=split, data_config=data_config, limit=limit, as_chat=chat, trust_remote_code=trust_remote_code,
-            quant=quant, device=device, teacher_dtype=teacher_dtype, revision=revision, progress=not no_progress,
-            backend=backend, codec=codec,
-        )
+        settings = vars(cfg).copy()
+        build_cache(settings.pop("teacher"), settings.pop("data"), settings.pop("out"), **settings)
+
+    cache_app.command("build")(typer_command(CacheBuildConfig, build))
 
     @cache_app.command("info")
     def info(

@@ -16,14 +16,30 @@ JSON next to the output (`kept.jsonl` -> `kept.report.json`).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
 from distill.io import atomic_write_json, atomic_write_jsonl
+from distill.options import option, validate
 from teachers.generate import read_traces
 from teachers.verify import extract_answer, format_ok, answers_match
 
 KEEP_MODES = ("all-correct", "first-correct", "best", "all")
+
+
+@dataclass
+class FilterConfig:
+    """`distill teacher filter` and the `[filter]` section of a run config (declared once)."""
+
+    traces: Path = option(help="Traces JSONL written by `distill teacher generate`.", argument=True)
+    out: Path = option(help="Kept traces as chat records (the cache's input).")
+    keep: str = option("all-correct", "Which passing traces to keep per problem (all: no filtering).", choices=KEEP_MODES)
+    require_format: bool = option(True, "Also require one well-formed <think>...</think> block.")
+
+    def check(self, name) -> None:
+        if self.traces is not None and self.out is not None and Path(self.traces).resolve() == Path(self.out).resolve():
+            raise DistillError(f"{name('out')} must differ from the traces file")
 
 
 def report_path(out_path: str | Path) -> Path:
@@ -48,16 +64,15 @@ def _kept_record(trace: dict, acc: bool, fmt: bool, pred: str | None) -> dict:
     }
 
 
-def filter_traces(in_path: str | Path, out_path: str | Path, keep: str = "all-correct",
-                  require_format: bool = True, echo=print) -> dict:
-    """Filter the traces of `in_path` into `out_path` (atomic write); returns the yield report."""
-    if keep not in KEEP_MODES:
-        raise DistillError(f"--keep must be one of {', '.join(KEEP_MODES)} (got {keep!r})")
-    in_path, out_path = Path(in_path), Path(out_path)
+def filter_traces(traces: str | Path, out: str | Path, *, echo=print, **settings) -> dict:
+    """Filter the traces file `traces` into `out` (atomic write); returns the yield report.
+
+    `settings` are the other `FilterConfig` fields (keep, require_format), checked there.
+    """
+    cfg = validate(FilterConfig(traces=Path(traces), out=Path(out), **settings))
+    in_path, out_path, keep, require_format = cfg.traces, cfg.out, cfg.keep, cfg.require_format
     if not in_path.is_file():
         raise DistillError(f"traces file not found: {in_path}")
-    if in_path.resolve() == out_path.resolve():
-        raise DistillError("--out must differ from the traces file")
     traces = read_traces(in_path)
     if not traces:
         raise DistillError(f"no traces in {in_path}")

@@ -13,69 +13,41 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from distill.data.problems import FIELD_NAMES, load_problems
 from distill.errors import DistillError
-from distill.io import iter_jsonl
-from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, check_settings, format_prompt, row_seed
+from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, row_seed
+from distill.options import option, validate
 
 TRACE_FORMAT_VERSION = 1
 
 
-# ----------------------------------------------------------------------------- problems
+@dataclass
+class GenerateConfig:
+    """`distill teacher generate` and the `[generate]` section of a run config (declared once)."""
 
-
-def load_problems(data: str, *, fields: dict[str, str] | None = None, limit: int | None = None,
-                  split: str = "test") -> list[dict]:
-    """Problems as dicts with `id`, `question`, `answer` (a worked solution or a bare answer).
-
-    `data` is a JSONL file (GSM8K-style `question`/`answer`, or other names mapped by `fields`, e.g.
-    {"question": "problem", "answer": "solution"}), a directory holding `{split}.jsonl`,
-    `synthetic:N[:SEED[:MIN-MAX]]` for generated arithmetic problems (MIN-MAX steps, default 2-4), or `gsm8k[:SPLIT]` for the hub copy.
-    """
-    from distill.data import gsm8k, synthetic
-
-    if limit is not None and limit < 1:
-        raise DistillError(f"--limit must be at least 1 (got {limit})")
-    if data.startswith("synthetic:"):
-        parts = data.split(":")
-        try:
-            n = int(parts[1])
-            seed = int(parts[2]) if len(parts) > 2 else 0
-            steps = parts[3].split("-") if len(parts) > 3 else ["2", "4"]
-            lo, hi = int(steps[0]), int(steps[-1])
-            if len(parts) > 4 or len(steps) > 2:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise DistillError(f"bad data spec {data!r}: use synthetic:N[:SEED[:MIN-MAX steps]]") from None
-        problems = synthetic.synthetic_problems(n, seed=seed, min_steps=lo, max_steps=hi)
-        return problems[:limit] if limit else problems
-    if data == "gsm8k" or data.startswith("gsm8k:"):
-        return gsm8k.load_gsm8k(split=data.split(":", 1)[1] if ":" in data else split, limit=limit)
-    path = Path(data)
-    if path.is_dir():
-        path = path / f"{split}.jsonl"
-    if not path.is_file():
-        raise DistillError(f"data file not found: {path}")
-    mapping = {"question": "question", "answer": "answer", "id": "id"}
-    mapping.update(fields or {})
-    problems = []
-    for lineno, row in iter_jsonl(path):
-        for key in ("question", "answer"):
-            if mapping[key] not in row:
-                raise DistillError(f"{path}:{lineno}: no field {mapping[key]!r} "
-                                   f"(map it with --field {key}=NAME)")
-        pid = row.get(mapping["id"], f"{path.stem}-{len(problems)}")
-        problems.append({"id": str(pid), "question": str(row[mapping["question"]]),
-                         "answer": str(row[mapping["answer"]])})
-        if limit and len(problems) >= limit:
-            break
-    if not problems:
-        raise DistillError(f"no problems in {path}")
-    ids = [p["id"] for p in problems]
-    if len(set(ids)) != len(ids):
-        raise DistillError(f"{path}: duplicate problem ids; give each row a unique id")
-    return problems
+    teacher: str = option(help="Teacher: model directory, hub id, or a .gguf file.")
+    data: str = option(help="Problems: synthetic[:N[:SEED[:MIN-MAX]]], gsm8k[:SPLIT] (hub), a JSONL file "
+                            "(question/answer), or a folder with {split}.jsonl.")
+    out: Path = option(help="Traces JSONL; appended to and resumed if it exists.")
+    samples: int = option(1, "Traces per problem.", minimum=1, short="-n")
+    temperature: float = option(0.7, "Sampling temperature; 0 = greedy.", minimum=0)
+    top_p: float = option(0.95, "Nucleus sampling mass.", exclusive_minimum=0, maximum=1)
+    max_new_tokens: int = option(512, "Longest completion in tokens.", minimum=1)
+    system_prompt: str | None = option(None, "System prompt (default: asks for <think>...</think>, then the answer; "
+                                             "'' for none).")
+    limit: int | None = option(None, "Use only the first N problems.", minimum=1)
+    batch_size: int = option(8, "Rows generated together.", minimum=1)
+    seed: int = option(0, "Sampling seed (each trace is seeded by seed, prompt, sample).")
+    fields: dict[str, str] | None = option(None, "Map a column: FIELD=COLUMN (repeatable).", choices=FIELD_NAMES,
+                                           flag="--field", metavar="FIELD=COLUMN")
+    split: str = option("train", "Split read from a data folder or the hub (traces are training data).")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available).")
+    trust_remote_code: bool = option(False, "Run the model repo's own code.")
+    backend: str = option("hf", "Teacher backend that runs the model (hf: Hugging Face transformers).")
+    progress: bool = option(True, "Show a progress bar with tokens/s.")
 
 
 # ----------------------------------------------------------------------------- traces file
@@ -113,12 +85,11 @@ def _settings_key(settings: dict) -> dict:
                                           "format_version")}
 
 
-def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 1, temperature: float = 0.7,
-                    top_p: float = 0.95, max_new_tokens: int = 512, system_prompt: str | None = None,
-                    limit: int | None = None, batch_size: int = 8, seed: int = 0,
-                    fields: dict[str, str] | None = None, split: str = "test", device: str | None = None,
-                    trust_remote_code: bool = False, backend="hf", progress: bool = True) -> dict:
+def generate_traces(**settings) -> dict:
     """Write `samples` traces per problem to `out` (JSONL, appended and flushed per batch).
+
+    `settings` are the `GenerateConfig` fields (teacher, data, out, samples, ...): their defaults and
+    checks live there, once for the CLI, the run config and this call.
 
     Resumable: finished (prompt id, sample) pairs already in `out` are skipped; a truncated last line is
     cut off; traces made with other settings or another teacher are refused. Rows are grouped in fixed
@@ -132,14 +103,17 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
     from distill.data.gsm8k import gold_answer
     from teachers.backends import check_backend, get_backend
 
-    if isinstance(backend, str):
-        check_backend(backend)
-
-    check_settings(num_samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size)
-    system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-    problems = load_problems(data, fields=fields, limit=limit, split=split)
-    out = Path(out)
+    backend = settings.get("backend")
+    if backend is not None and not isinstance(backend, str):  # a ready backend object: record its name
+        settings = {**settings, "backend": getattr(backend, "name", type(backend).__name__)}
+    cfg = validate(GenerateConfig(**settings))
+    if backend is None or isinstance(backend, str):
+        backend = check_backend(cfg.backend)
+    samples, temperature, top_p, max_new_tokens, batch_size, seed = (
+        cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+    system_prompt = DEFAULT_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
+    problems = load_problems(cfg.data, fields=cfg.fields, limit=cfg.limit, split=cfg.split)
+    out = Path(cfg.out)
     if out.exists() and out.is_dir():
         raise DistillError(f"--out {out} is a directory; give a .jsonl file path")
     existing = read_traces(out)  # validate before loading a (possibly large) teacher
@@ -151,7 +125,7 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
                                " use another --out or the same settings")
 
     if isinstance(backend, str):
-        backend = get_backend(backend, teacher, device=device, trust_remote_code=trust_remote_code)
+        backend = get_backend(backend, cfg.teacher, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     tokenizer, identity = backend.tokenizer, backend.identity
 
     questions = {p["id"]: p["question"] for p in problems}
@@ -178,7 +152,7 @@ def generate_traces(*, teacher: str, data: str, out: str | Path, samples: int = 
     pending_rows = sum(1 for b in todo for p, s in b if (p["id"], s) not in done)
     stats = GenerationStats()
     bar = None
-    if progress:
+    if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), initial=len(rows) - pending_rows, desc="generate", unit="trace",

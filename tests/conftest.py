@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from distill.testing import save_tiny_model, tiny_tokenizer
+from helpers import save_tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def kd_pair(tmp_path_factory):
     """
     import torch
 
-    from distill.testing import tiny_llama
+    from helpers import tiny_llama
     from teachers.cache_build import build_cache
 
     root = tmp_path_factory.mktemp("kd_pair")

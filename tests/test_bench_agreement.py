@@ -68,7 +68,7 @@ def test_teacher_agrees_with_its_own_cache_and_student_less(tiny_cache, tiny_mod
 def test_bench_with_held_out_cache(tiny_cache, tiny_model_dir, tiny_student_dir, tmp_path):
     """Agreement columns appear; a model with another tokenizer gets 'n/a' and a reason, not a crash."""
     from distill.bench.runner import run_bench
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     other = tmp_path / "other"
     tok = tiny_tokenizer(vocab_size=300)

@@ -113,7 +113,7 @@ def test_known_answers_give_known_accuracy(bench_run, tiny_model_dir, tmp_path):
     [
         (["--model", "teacher", "--task", "synthetic"], "malformed --model"),
         (["--model", "=x", "--task", "synthetic"], "malformed --model"),
-        (["--model", "t={model}", "--task", "no-such-task"], "unknown task"),
+        (["--model", "t={model}", "--task", "no-such-task"], "problems not found"),
         (["--model", "t={model}", "--task", "synthetic", "--samples", "0"], "--samples must be at least 1"),
         (["--model", "t={model}", "--task", "synthetic", "--limit", "0"], "--limit must be at least 1"),
         (["--model", "t={model}", "--task", "synthetic", "--select", "greedy,oracle"], "unknown selection rule"),

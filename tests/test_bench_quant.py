@@ -12,7 +12,7 @@ from distill.errors import DistillError
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory):
     """hidden 64 so that NF4 blocks (64 values) fit a row on the CPU kernels."""
-    from distill.testing import save_tiny_model
+    from helpers import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("m64") / "m", seed=1, hidden_size=64)
 

@@ -20,7 +20,7 @@ def reward_dir(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from distill.testing import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -10,7 +10,7 @@ import torch
 from distill.cache.reader import CacheDataset, CacheReader, collate
 from distill.cache.verify import verify_cache
 from distill.data.records import tokenize_record
-from distill.testing import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 from teachers.cache_build import build_cache, length_batches
 
 RECORDS = [
@@ -219,7 +219,7 @@ def test_row_scorer_fast_path_equals_full_logits(tiny_model_dir, padded_teacher_
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_quantized_teacher_builds(tmp_path, quant):
     """4/8-bit teacher loading (bitsandbytes, CPU here) builds a sound cache and records the quantization."""
-    from distill.testing import save_tiny_model
+    from helpers import save_tiny_model
 
     tiny_model_dir = save_tiny_model(tmp_path / "t64", hidden_size=64)  # bnb's CPU NF4 kernel needs >= 64
     data = _write_jsonl(tmp_path / "d.jsonl", RECORDS[:3])

@@ -127,7 +127,7 @@ def test_mismatched_resume_refused(tmp_path, tiny_model_dir, tiny_student_dir, d
 
 
 def test_mismatched_tokenizer_resume_refused(tmp_path, data, built, capsys):
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer(vocab_size=300)
     d = tmp_path / "t300"

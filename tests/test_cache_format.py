@@ -109,7 +109,7 @@ def test_incomplete_cache_refused(tmp_path):
 
 
 def test_tokenizer_fingerprint_stable_and_discriminating(tiny_tok):
-    from distill.testing import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     fp = tokenizer_fingerprint(tiny_tok)
     tiny_tok("some text", truncation=True, max_length=3)  # runtime state must not change it

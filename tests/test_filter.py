@@ -100,7 +100,7 @@ def test_truncated_tail_is_ignored(traces_file, tmp_path):
 
 
 def test_bad_inputs(traces_file, tmp_path):
-    with pytest.raises(DistillError, match="--keep must be one of"):
+    with pytest.raises(DistillError, match="unknown --keep 'most'"):
         filter_traces(traces_file, tmp_path / "k.jsonl", keep="most")
     with pytest.raises(DistillError, match="not found"):
         filter_traces(tmp_path / "none.jsonl", tmp_path / "k.jsonl")

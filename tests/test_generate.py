@@ -15,7 +15,7 @@ import torch
 
 import cli
 from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, sample_completions
-from distill.testing import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 from teachers.generate import generate_traces, read_traces
 
 QUESTIONS = ["What is 2 + 2?", "Tom has 3 apples and buys 4 more. How many apples does he have?", "x"]
@@ -193,7 +193,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "missing.jsonl"], "data file not found"),
+    (["--data", "missing.jsonl"], "problems not found"),
     (["--samples", "0"], "--samples must be at least 1"),
     (["--top-p", "0"], "--top-p must be in"),
     (["--field", "question"], "--field"),

@@ -7,7 +7,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.losses import KDLossConfig, distillation_loss_sums
-from distill.testing import tiny_gemma4_multimodal, tiny_llama, tiny_tokenizer
+from helpers import tiny_gemma4_multimodal, tiny_llama, tiny_tokenizer
 from distill.models.head import (CHUNKED_HEAD, FULL_LOGITS, LogitsHead, check_head, model_hidden_and_head, rows_and_head,
                            unwrap_causal_lm, verify_head)
 

@@ -1,6 +1,6 @@
 """The layers, checked from the source (ast, so strings and comments do not count):
 
-  cli.py -> stage packages teachers/, students/ -> core distill/ (models, cache, losses, data, config, ...)
+  cli.py -> stage packages teachers/, students/ -> core distill/ (models, cache, losses, data, options, ...)
   orchestration distill/pipeline/ and distill/bench/ may use the stage packages.
 
 (a) the core imports neither teachers/ nor students/ (outside distill/pipeline and distill/bench);

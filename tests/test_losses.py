@@ -1,4 +1,4 @@
-"""The chunked sparse-KD loss against a plain dense reference, and each DESIGN.md section 4 rule.
+"""The chunked sparse-KD loss against a plain dense reference, and each rule of docs/losses.md.
 
 The reference below is written the obvious way, in probability space and float64: full-vocabulary
 student logits, softmax, coarse-graining onto the cached ids + one tail bucket; the teacher as a dense

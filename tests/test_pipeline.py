@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_config
+from distill.pipeline.config import load_config
 from distill.pipeline.commands import DEMO_CONFIG, demo_config
 
 STAGE_NAMES = ["teacher", "generate", "filter", "cache", "heldout", "student", "train", "export", "bench"]
@@ -41,10 +41,10 @@ top_k = 8
 max_length = 160
 [student]
 keep_layers = "first:1"
+[train]
 quant = "none"
 lora_r = 4
 lora_alpha = 8
-[train]
 steps = 3
 batch_size = 2
 eval_every = 2
@@ -120,7 +120,7 @@ def test_examples_demo_matches_embedded_default():
 
 def test_gpu_example_config_is_valid():
     cfg = load_config(REPO / "examples" / "gpu-r1-qwen.toml")
-    assert cfg.student.quant == "nf4" and cfg.data.source == "gsm8k"
+    assert cfg.train.quant == "nf4" and cfg.data.source == "gsm8k"
 
 
 @pytest.mark.slow
@@ -135,4 +135,4 @@ def test_demo_quick_with_real_smollm2(tmp_path):
     names = [m["name"] for m in results["models"]]
     assert names == ["teacher", "student"]
     cfg = demo_config(str(tmp_path / "demo"), quick=True)
-    assert cfg.student.quant == "nf4"
+    assert cfg.train.quant == "nf4"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill.config import RunConfig
+from distill.pipeline.config import RunConfig
 from distill.errors import DistillError
 from distill.pipeline.runner import Stage, run_stages
 

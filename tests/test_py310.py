@@ -81,7 +81,7 @@ def test_config_loads_where_tomllib_is_missing(tmp_path):
         "import sys, tomllib\n"
         "sys.modules['tomli'] = tomllib\n"   # tomli's API is tomllib's: tomllib is tomli, vendored in 3.11
         "sys.modules['tomllib'] = None\n"    # `import tomllib` now raises ModuleNotFoundError, as on 3.10
-        "from distill.config import load_config\n"
+        "from distill.pipeline.config import load_config\n"
         f"print(load_config({str(config)!r}).train.steps)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -58,7 +58,7 @@ def test_bad_sources_and_fields(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DistillError, match="assistant"):
         load_records(tmp_path / "m.jsonl")
-    with pytest.raises(DistillError, match="NAME=COLUMN"):
+    with pytest.raises(DistillError, match="FIELD=COLUMN"):
         parse_field_map(["prompt"])
     with pytest.raises(DistillError, match="one of"):
         parse_field_map(["question=prompt"])
@@ -114,7 +114,7 @@ def sp_llama(tmp_path_factory):
     from transformers.tokenization_utils_base import generate_merges
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    from distill.testing import _CORPUS
+    from helpers import _CORPUS
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

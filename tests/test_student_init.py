@@ -32,7 +32,7 @@ def _qwen2_teacher(directory: Path) -> Path:
     """A tiny 4-layer Qwen2 with sliding-window layers: its config has a per-layer `layer_types` list."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from distill.testing import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -46,7 +46,7 @@ def _qwen2_teacher(directory: Path) -> Path:
 
 def test_keeps_chosen_layers_and_fixes_config(tmp_path):
     teacher_dir = _qwen2_teacher(tmp_path / "teacher")
-    summary = init_student(teacher_dir, tmp_path / "student", "1,3")
+    summary = init_student(teacher_dir, tmp_path / "student", keep_layers="1,3")
     assert summary["kept_layers"] == [1, 3] and summary["student_layers"] == 2
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
@@ -75,7 +75,7 @@ def test_keeps_chosen_layers_and_fixes_config(tmp_path):
 
 
 def test_keep_all_layers_reproduces_the_teacher(tiny_model_dir, tmp_path):
-    init_student(tiny_model_dir, tmp_path / "same", "every:1")
+    init_student(tiny_model_dir, tmp_path / "same", keep_layers="every:1")
     a = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "same")
     ids = torch.tensor([[5, 9, 30, 41, 7]])
@@ -99,6 +99,6 @@ def test_cli_init_and_errors(tiny_model_dir, tmp_path, capsys):
         assert sum(l.startswith("error:") for l in err.splitlines()) == 1 and "Traceback" not in err
         assert not (tmp_path / "t").exists()
     with pytest.raises(DistillError, match="not empty"):
-        init_student(tiny_model_dir, tmp_path / "s", "first:1")
+        init_student(tiny_model_dir, tmp_path / "s", keep_layers="first:1")
     with pytest.raises(DistillError, match="does not exist"):
-        init_student(tmp_path / "missing", tmp_path / "u", "first:1")
+        init_student(tmp_path / "missing", tmp_path / "u", keep_layers="first:1")

@@ -12,7 +12,7 @@ import pytest
 from distill.data.gsm8k import gold_answer, load_gsm8k
 from distill.data.synthetic import synthetic_problems, write_jsonl
 from distill.errors import DistillError
-from teachers.generate import load_problems
+from distill.data.problems import load_problems
 from teachers.verify import answers_match, extract_answer
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -121,3 +121,29 @@ def test_load_gsm8k_offline_is_one_line_error(monkeypatch):
     with pytest.raises(DistillError) as err:
         load_gsm8k("test")
     assert "\n" not in str(err.value) and "openai/gsm8k" in str(err.value) and "local JSONL" in str(err.value)
+
+
+def test_generate_and_bench_read_problems_through_one_grammar(tmp_path):
+    """`teacher generate --data` and `bench --task` used two parsers: the benchmark refused a folder and
+    column mappings, and `synthetic:N:SEED` meant nothing to it. Now both read `load_problems`."""
+    from distill.bench.tasks import SYNTHETIC_SEED, load_task
+
+    rows = [{"uid": f"p{i}", "problem": f"{i} + 1?", "solution": f"work\n#### {i + 1}"} for i in range(3)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = {"question": "problem", "answer": "solution", "id": "uid"}
+    for spec in (str(tmp_path), str(tmp_path / "test.jsonl"), "synthetic:4:7", "synthetic:3:7:1-2"):
+        problems = load_problems(spec, split="test", fields=fields)
+        bench, info = load_task(spec, split="test", fields=fields)
+        assert [(b.id, b.question, b.gold) for b in bench] == [
+            (p["id"], p["question"], gold_answer(p["answer"], keep_commas=True)) for p in problems]
+        assert info["num_problems"] == len(problems)
+    assert [p.id for p in load_task(str(tmp_path), fields=fields)[0]] == ["p0", "p1", "p2"]
+    # a bare `synthetic` takes the caller's seed: the benchmark's is not the training problems'
+    assert load_task("synthetic", limit=2)[0][0].question == synthetic_problems(2, SYNTHETIC_SEED)[0]["question"]
+    assert load_problems("synthetic", limit=2) == synthetic_problems(2, 0)
+    with pytest.raises(DistillError, match="has no train.jsonl"):
+        load_problems(str(tmp_path))  # generation reads the training split by default
+    with pytest.raises(DistillError, match="FIELD must be one of"):
+        load_problems(str(tmp_path), split="test", fields={"solution": "x"})
+    with pytest.raises(DistillError, match=r"problems not found: 'nope\.jsonl'"):
+        load_task("nope.jsonl")

@@ -145,7 +145,7 @@ def test_refusals_are_one_line(kd_pair, tmp_path):
     assert "\n" not in str(err.value)
     assert not (tmp_path / "c" / "final").exists()
     # Tokenizer mismatch: a student with another vocabulary.
-    from distill.testing import save_tiny_model, tiny_llama, tiny_tokenizer
+    from helpers import save_tiny_model, tiny_llama, tiny_tokenizer
 
     other = tmp_path / "other"
     tok = tiny_tokenizer(vocab_size=300)
@@ -187,7 +187,7 @@ def test_padded_vocab_student_trains_with_extra_columns_masked(kd_pair, tmp_path
     """Logits wider than the tokenizer (384 vs 320): the loss gets vocab_size=320, losses stay finite."""
     import math
 
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer()
     wide = tmp_path / "wide"
@@ -254,7 +254,7 @@ def test_failed_head_check_trains_on_the_models_own_logits(kd_pair, tmp_path, mo
 def test_multimodal_gemma_student_passes_the_head_check(kd_pair, tmp_path, capsys):
     """Gemma-4 ForConditionalGeneration keeps its logit soft-cap in the text config: the head check must
     pass (the chunked head applies the cap) and training run through the chunked head."""
-    from distill.testing import tiny_gemma4_multimodal, tiny_tokenizer
+    from helpers import tiny_gemma4_multimodal, tiny_tokenizer
 
     tok = tiny_tokenizer()
     student = tmp_path / "gemma"

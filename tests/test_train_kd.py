@@ -16,7 +16,7 @@ def pruned_pair(tmp_path_factory):
     teacher is reachable with LoRA; the ground-truth completion tokens are not the teacher's choices.
     """
     from conftest import _kd_records
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
     from students.init_student import init_student
     from teachers.cache_build import build_cache
 
@@ -27,7 +27,7 @@ def pruned_pair(tmp_path_factory):
         teacher.lm_head.weight.mul_(30.0)
     teacher.save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
-    init_student(root / "teacher", root / "student", "first:1")
+    init_student(root / "teacher", root / "student", keep_layers="first:1")
     build_cache(str(root / "teacher"), None, root / "cache", top_k=8, records=_kd_records(40), progress=False, log=lambda m: None)
     return root / "student", root / "cache"
 

@@ -1,9 +1,13 @@
-"""`run_bench(...)`: the whole benchmark as one Python call (the CLI and the pipeline demo use it).
+"""`run_bench(...)`: the whole benchmark as one Python call (the CLI and the pipeline use it).
 
-For each model, in the order given: load it as deployed, generate one greedy completion per problem
-and N sampled completions, score them, apply the selection rules, optionally measure agreement with
-the teacher on a held-out cache, and record the cost columns. Then write results.json, results.md and
-the plots. Everything the user can get wrong is checked before the first model loads.
+It reads top to bottom as three steps:
+  prepare_bench  check every setting (`BenchConfig`), the models' names, the output folder and the
+                 held-out cache, and load the problems and the scorer: a user mistake fails here,
+                 before the first model loads;
+  bench_model    for each model, in the order given: load it as deployed, generate one greedy
+                 completion per problem and N sampled ones, measure agreement with the teacher on a
+                 held-out cache and the cost columns, score the answers and apply the selection rules;
+  finish_bench   write results.json, results.md, the plots and samples.jsonl.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import gc
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from distill.bench import cost as cost_mod
+from distill.bench.loading import QUANT_CHOICES
 from distill.bench.report import terminal_summary, write_report
 from distill.bench.selection import (
     SAMPLED_RULES,
@@ -27,8 +33,10 @@ from distill.bench.selection import (
     normalise_answer,
 )
 from distill.bench.stats import accuracy_entry
+from distill.data.problems import FIELD_NAMES
 from distill.errors import DistillError
 from distill.io import atomic_write_jsonl
+from distill.options import option, validate
 
 RESULTS_VERSION = 1
 DEFAULT_RULES = "greedy,pass@n,majority,best-of-n,weighted-best-of-n"
@@ -81,194 +89,256 @@ def _check_out(out: Path) -> None:
         raise DistillError(f"--out {out} is a file; give a directory for the results")
 
 
-def run_bench(
-    models: Sequence[str] | Mapping[str, str],
-    *,
-    task: str = "synthetic",
-    out: str | Path,
-    limit: int | None = None,
-    samples: int = 1,
-    select: str | Sequence[str] = DEFAULT_RULES,
-    scorer: str | None = "self",
-    held_out_cache: str | None = None,
-    held_out_limit: int | None = None,
-    quant: str = "auto",
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    system_prompt: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-    print_summary: bool = False,
-) -> dict:
-    """Benchmark `models` on `task`; write the report into `out`; return the results dict."""
-    from distill.bench.loading import QUANT_CHOICES, load_for_bench
+@dataclass
+class BenchConfig:
+    """`distill bench` and the `[bench]` section of a run config (declared once: `distill.options`
+    derives the CLI options and the config keys from these fields)."""
+
+    models: list[str] = option(help="NAME=PATH of a model to benchmark (repeatable): a model directory, an adapter "
+                                    "directory, or a .gguf file.", flag="--model", short="-m", metavar="NAME=PATH")
+    out: Path = option(help="Directory for results.json, results.md, samples.jsonl and the PNG plots.", short="-o")
+    task: str = option("synthetic", "Problems: synthetic[:N[:SEED[:MIN-MAX]]] (bench seed 90210 by default), "
+                                     "gsm8k[:SPLIT], a JSONL file (question/answer), or a folder with {split}.jsonl.")
+    split: str = option("test", "Split read from a task folder or the hub.")
+    fields: dict[str, str] | None = option(None, "Map a task file's column: FIELD=COLUMN (repeatable).",
+                                           choices=FIELD_NAMES, flag="--field", metavar="FIELD=COLUMN")
+    limit: int | None = option(None, "Use the first N problems (synthetic: N problems, default 50).", minimum=1)
+    samples: int = option(1, "Sampled completions per problem (N) for pass@N, maj@N, best-of-N.", minimum=1, short="-n")
+    select: str = option(DEFAULT_RULES, "Comma-separated selection rules: greedy,pass@n,majority,best-of-n,weighted-best-of-n.")
+    scorer: str = option("self", "'self' (the model's own mean token log-prob) or a reward model directory "
+                                 "(sequence classification).")
+    held_out_cache: Path | None = option(None, "Teacher cache to measure KL, top-1 agreement and ECE against.")
+    held_out_limit: int | None = option(None, "Use the first N samples of the held-out cache.", minimum=1)
+    quant: str = option("auto", "auto (as saved; adapters on an NF4 base) | none | nf4 | int8.", choices=QUANT_CHOICES)
+    temperature: float = option(0.7, "Sampling temperature of the N samples (greedy is always run separately).",
+                                exclusive_minimum=0)
+    top_p: float = option(0.95, "Nucleus sampling mass of the N samples.", exclusive_minimum=0, maximum=1)
+    max_new_tokens: int = option(256, "Longest completion in tokens.", minimum=1)
+    batch_size: int = option(8, "Rows generated together (tokens/s is measured batched).", minimum=1)
+    seed: int = option(0, "Sampling seed.")
+    system_prompt: str | None = option(None, "Default: the prompt traces were generated with.")
+    trust_remote_code: bool = option(False, "Allow model directories to run their own code.")
+    progress: bool = option(True, "Show a progress bar per model.")
+
+    def check(self, name) -> None:
+        rules = canonical_rules(self.select)
+        if self.samples == 1 and all(r in SAMPLED_RULES for r in rules):
+            raise DistillError(f"{name('select')} {','.join(rules)} needs {name('samples')} N with N >= 2")
+
+    def rules(self) -> list[str]:
+        """The selection rules to apply: the sampled ones only when there are N >= 2 samples."""
+        rules = canonical_rules(self.select)
+        return [r for r in rules if r not in SAMPLED_RULES] if self.samples == 1 else rules
+
+
+@dataclass
+class BenchPlan:
+    """Everything the model loop needs, checked and loaded before the first model loads."""
+
+    cfg: BenchConfig
+    pairs: list[tuple[str, str]]
+    rules: list[str]
+    sampled_rules: list[str]
+    grid: list[int]
+    problems: list
+    task_info: dict
+    system_prompt: str
+    scorer: object | None
+    started: float
+
+
+def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool = False, **settings) -> dict:
+    """Benchmark `models` on the task; write the report into `out`; return the results dict.
+
+    `settings` are the other `BenchConfig` fields (out, task, samples, ...): their defaults and checks
+    live there, once for the CLI, the run config and this call.
+    """
+    plan = prepare_bench(models, **settings)
+    model_results, details = [], []
+    for name, path in plan.pairs:
+        result, rows = bench_model(plan, name, path)
+        model_results.append(result)
+        details += rows
+    return finish_bench(plan, model_results, details, print_summary=print_summary)
+
+
+def prepare_bench(models: Sequence[str] | Mapping[str, str], **settings) -> BenchPlan:
+    """Check every input and load the problems and the scorer: a user mistake fails here, in one
+    line, before any model loads and before anything is written."""
     from distill.bench.scorers import make_scorer
     from distill.bench.tasks import load_task
-    from distill.models import default_device
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
 
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     pairs = parse_model_specs(models)
-    if samples < 1:
-        raise DistillError(f"--samples must be at least 1, got {samples}")
-    if max_new_tokens < 1:
-        raise DistillError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise DistillError(f"--batch-size must be at least 1, got {batch_size}")
-    if not (temperature > 0):
-        raise DistillError(f"--temperature must be > 0 for sampling, got {temperature} (greedy is always run separately)")
-    if not (0 < top_p <= 1):
-        raise DistillError(f"--top-p must be in (0, 1], got {top_p}")
-    if held_out_limit is not None and held_out_limit < 1:
-        raise DistillError(f"--held-out-limit must be at least 1, got {held_out_limit}")
-    if quant not in QUANT_CHOICES:
-        raise DistillError(f"unknown --quant {quant!r}; use one of {', '.join(QUANT_CHOICES)}")
-    rules = canonical_rules(select)
-    if samples == 1:
-        dropped = [r for r in rules if r in SAMPLED_RULES]
-        rules = [r for r in rules if r not in SAMPLED_RULES]
-        if not rules:
-            raise DistillError(f"--select {','.join(dropped)} needs --samples N with N >= 2")
-    out = Path(out)
-    _check_out(out)
-    if held_out_cache is not None:
+    cfg = validate(BenchConfig(models=[f"{n}={p}" for n, p in pairs], **settings))
+    rules = cfg.rules()
+    _check_out(Path(cfg.out))
+    if cfg.held_out_cache is not None:
         from distill.cache.format import read_manifest
 
-        read_manifest(Path(held_out_cache))  # a missing / malformed cache fails before any model loads
-    problems, task_info = load_task(task, limit=limit)
+        read_manifest(Path(cfg.held_out_cache))  # a missing / malformed cache fails before any model loads
+    problems, task_info = load_task(cfg.task, limit=cfg.limit, split=cfg.split, fields=cfg.fields)
+    scorer = None
+    if any(r in SCORED_RULES for r in rules):
+        scorer = make_scorer(cfg.scorer, trust_remote_code=cfg.trust_remote_code) if cfg.scorer not in (None, "self") \
+            else make_scorer("self")
+    sampled_rules = [r for r in rules if r in SAMPLED_RULES]
+    return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
+                     grid=n_grid(cfg.samples) if sampled_rules else [], problems=problems, task_info=task_info,
+                     system_prompt=DEFAULT_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt,
+                     scorer=scorer, started=started)
 
-    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
+
+def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict, list[dict]]:
+    """One model: load it as deployed, generate (greedy and N samples), measure agreement and cost,
+    score the answers; returns its results entry and its per-completion records."""
+    from distill.bench.loading import load_for_bench
+    from distill.models import default_device
+
+    cfg = plan.cfg
+    t_load = time.perf_counter()
+    meter = cost_mod.PeakMemory(device=default_device())
+    with meter:
+        loaded = load_for_bench(name, path, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code)
+        load_s = time.perf_counter() - t_load
+        greedy, sampled, stats = _generate(plan, name, loaded.model, loaded.tokenizer)
+        agreement = _agreement(plan, loaded.model, loaded.tokenizer)
+    cost = {
+        "parameters": cost_mod.parameter_count(loaded.model),
+        "size_on_disk_bytes": cost_mod.size_on_disk(path),
+        "quantization": cost_mod.quantization_kind(loaded.model) + (" (from gguf)" if loaded.source == "gguf" else ""),
+        "peak_memory_bytes": meter.peak_bytes,
+        "peak_memory_kind": meter.kind,
+        "generated_tokens": stats.new_tokens,
+        "generation_seconds": round(stats.seconds, 3),
+        "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
+        "load_seconds": round(load_s, 3),
+        "batch_size": cfg.batch_size,
+    }
+    if loaded.source == "adapter" and loaded.base_path:
+        base_size = cost_mod.size_on_disk(loaded.base_path)
+        cost["size_on_disk_bytes"] = (cost["size_on_disk_bytes"] or 0) + (base_size or 0)
+    accuracy, curves, parse_rate, details = _score(plan, name, greedy, sampled)
+    result = {
+        "name": name,
+        "path": str(path),
+        "source": loaded.source,
+        "base_path": loaded.base_path,
+        "accuracy": accuracy,
+        "curves": curves,
+        "answer_parse_rate": parse_rate,
+        "agreement": agreement,
+        "cost": cost,
+    }
+    del loaded
+    gc.collect()
+    _empty_cuda_cache()
+    return result, details
+
+
+def _generate(plan: BenchPlan, name: str, model, tok):
+    """Greedy completions (one per problem) and N sampled ones, with their generation stats."""
+    from distill.models.sampling import format_prompt, sample_completions
+
+    cfg = plan.cfg
+    prompts = [format_prompt(tok, p.question, plan.system_prompt) for p in plan.problems]
+    stats = _new_stats()
+    rows = len(plan.problems) * ((1 if "greedy" in plan.rules else 0) + (cfg.samples if plan.sampled_rules else 0))
+    bar = _bar(cfg.progress, name, rows)
+    on_batch = (lambda rows, _t: bar.update(rows)) if bar is not None else None
+    common = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size, stats=stats,
+                  on_batch=on_batch)
+    greedy = sampled = None
+    if "greedy" in plan.rules:
+        greedy = sample_completions(model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0, **common)
+    if plan.sampled_rules:
+        sampled = sample_completions(model, tok, prompts, num_samples=cfg.samples, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, **common)
+    if bar is not None:
+        bar.close()
+    return greedy, sampled, stats
+
+
+def _agreement(plan: BenchPlan, model, tok) -> dict | None:
+    """KL, top-1 agreement and ECE against the held-out teacher cache (an error entry, not a crash)."""
+    cfg = plan.cfg
+    if cfg.held_out_cache is None:
+        return None
+    from distill.bench.agreement import agreement_with_teacher
+
+    try:
+        return agreement_with_teacher(model, tok, str(cfg.held_out_cache), batch_size=max(1, cfg.batch_size // 2),
+                                      max_samples=cfg.held_out_limit)
+    except DistillError as err:
+        return {"error": str(err)}
+
+
+def _score(plan: BenchPlan, name: str, greedy, sampled):
+    """Accuracy per rule (with curves over n), the answer parse rate and the per-completion records."""
     from teachers.verify import answers_match, extract_answer
 
-    if system_prompt is None:
-        system_prompt = DEFAULT_SYSTEM_PROMPT
-    needs_scores = any(r in SCORED_RULES for r in rules)
-    scorer_obj = make_scorer(scorer, trust_remote_code=trust_remote_code) if (needs_scores and scorer not in (None, "self")) else None
-    if scorer_obj is None and needs_scores:
-        scorer_obj = make_scorer("self")
-    sampled_rules = [r for r in rules if r in SAMPLED_RULES]
-    grid = n_grid(samples) if sampled_rules else []
-
-    details: list[dict] = []
-    model_results = []
-    for name, path in pairs:
-        t_load = time.perf_counter()
-        meter = cost_mod.PeakMemory(device=default_device())
-        with meter:
-            loaded = load_for_bench(name, path, quant=quant, trust_remote_code=trust_remote_code)
-            load_s = time.perf_counter() - t_load
-            model, tok = loaded.model, loaded.tokenizer
-            prompts = [format_prompt(tok, p.question, system_prompt) for p in problems]
-            stats = _new_stats()
-            bar = _bar(progress, name, len(problems) * ((1 if "greedy" in rules else 0) + (samples if sampled_rules else 0)))
-            on_batch = (lambda rows, _t: bar.update(rows)) if bar is not None else None
-            greedy = None
-            if "greedy" in rules:
-                greedy = sample_completions(model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0,
-                                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                                            stats=stats, on_batch=on_batch)
-            sampled = None
-            if sampled_rules:
-                sampled = sample_completions(model, tok, prompts, num_samples=samples, temperature=temperature,
-                                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                             batch_size=batch_size, stats=stats, on_batch=on_batch)
-            if bar is not None:
-                bar.close()
-            agreement = None
-            if held_out_cache is not None:
-                from distill.bench.agreement import agreement_with_teacher
-
-                try:
-                    agreement = agreement_with_teacher(model, tok, held_out_cache, batch_size=max(1, batch_size // 2),
-                                                       max_samples=held_out_limit)
-                except DistillError as err:
-                    agreement = {"error": str(err)}
-        cost = {
-            "parameters": cost_mod.parameter_count(model),
-            "size_on_disk_bytes": cost_mod.size_on_disk(path),
-            "quantization": cost_mod.quantization_kind(model) + (" (from gguf)" if loaded.source == "gguf" else ""),
-            "peak_memory_bytes": meter.peak_bytes,
-            "peak_memory_kind": meter.kind,
-            "generated_tokens": stats.new_tokens,
-            "generation_seconds": round(stats.seconds, 3),
-            "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
-            "load_seconds": round(load_s, 3),
-            "batch_size": batch_size,
-        }
-        if loaded.source == "adapter" and loaded.base_path:
-            base_size = cost_mod.size_on_disk(loaded.base_path)
-            cost["size_on_disk_bytes"] = (cost["size_on_disk_bytes"] or 0) + (base_size or 0)
-
-        accuracy: dict = {}
-        curves: dict = {}
-        parsed = total = 0
-        if greedy is not None:
-            g_correct = 0
-            for prob, comps in zip(problems, greedy):
-                pred = _answer_of(comps[0].text, extract_answer)
+    problems, details = plan.problems, []
+    accuracy: dict = {}
+    curves: dict = {}
+    parsed = total = 0
+    if greedy is not None:
+        g_correct = 0
+        for prob, comps in zip(problems, greedy):
+            pred = _answer_of(comps[0].text, extract_answer)
+            ok = pred is not None and bool(answers_match(pred, prob.gold))
+            g_correct += ok
+            parsed += pred is not None
+            total += 1
+            details.append({"model": name, "id": prob.id, "kind": "greedy", "gold": prob.gold,
+                            "answer": pred, "correct": ok, "num_tokens": comps[0].num_tokens,
+                            "finished": comps[0].finished, "text": comps[0].text})
+        accuracy["greedy"] = accuracy_entry(g_correct, len(problems))
+    if sampled is not None:
+        per_problem = []
+        for prob, comps in zip(problems, sampled):
+            weights = plan.scorer.score([prob.question] * len(comps), comps) if plan.scorer else [0.0] * len(comps)
+            row = []
+            for i, (c, w) in enumerate(zip(comps, weights)):
+                pred = _answer_of(c.text, extract_answer)
                 ok = pred is not None and bool(answers_match(pred, prob.gold))
-                g_correct += ok
                 parsed += pred is not None
                 total += 1
-                details.append({"model": name, "id": prob.id, "kind": "greedy", "gold": prob.gold,
-                                "answer": pred, "correct": ok, "num_tokens": comps[0].num_tokens,
-                                "finished": comps[0].finished, "text": comps[0].text})
-            accuracy["greedy"] = accuracy_entry(g_correct, len(problems))
-        if sampled is not None:
-            per_problem = []
-            for prob, comps in zip(problems, sampled):
-                weights = scorer_obj.score([prob.question] * len(comps), comps) if scorer_obj else [0.0] * len(comps)
-                row = []
-                for i, (c, w) in enumerate(zip(comps, weights)):
-                    pred = _answer_of(c.text, extract_answer)
-                    ok = pred is not None and bool(answers_match(pred, prob.gold))
-                    parsed += pred is not None
-                    total += 1
-                    row.append(Sample(answer=normalise_answer(pred), correct=ok, score=float(w)))
-                    details.append({"model": name, "id": prob.id, "kind": "sample", "index": i, "gold": prob.gold,
-                                    "answer": pred, "correct": ok, "score": float(w), "num_tokens": c.num_tokens,
-                                    "finished": c.finished, "text": c.text})
-                per_problem.append(row)
-            counts = accuracy_curves(per_problem, sampled_rules, grid)
-            for rule in sampled_rules:
-                curves[rule] = {str(n): accuracy_entry(counts[rule][n], len(problems)) for n in grid}
-                accuracy[rule] = curves[rule][str(samples)]
-        model_results.append({
-            "name": name,
-            "path": str(path),
-            "source": loaded.source,
-            "base_path": loaded.base_path,
-            "accuracy": accuracy,
-            "curves": curves,
-            "answer_parse_rate": parsed / total if total else None,
-            "agreement": agreement,
-            "cost": cost,
-        })
-        del model, loaded
-        gc.collect()
-        _empty_cuda_cache()
+                row.append(Sample(answer=normalise_answer(pred), correct=ok, score=float(w)))
+                details.append({"model": name, "id": prob.id, "kind": "sample", "index": i, "gold": prob.gold,
+                                "answer": pred, "correct": ok, "score": float(w), "num_tokens": c.num_tokens,
+                                "finished": c.finished, "text": c.text})
+            per_problem.append(row)
+        counts = accuracy_curves(per_problem, plan.sampled_rules, plan.grid)
+        for rule in plan.sampled_rules:
+            curves[rule] = {str(n): accuracy_entry(counts[rule][n], len(problems)) for n in plan.grid}
+            accuracy[rule] = curves[rule][str(plan.cfg.samples)]
+    return accuracy, curves, (parsed / total if total else None), details
 
-    if scorer_obj is not None:
-        scorer_obj.close()
+
+def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict], *, print_summary: bool = False) -> dict:
+    """Write results.json, results.md, the plots and samples.jsonl; return the results dict."""
+    cfg, scorer = plan.cfg, plan.scorer
+    if scorer is not None:
+        scorer.close()
     results = {
         "version": RESULTS_VERSION,
-        "task": task_info,
+        "task": plan.task_info,
         "settings": {
-            "samples": samples, "rules": rules, "scorer": (scorer_obj.name if scorer_obj else None),
-            "scorer_description": (scorer_obj.description if scorer_obj else None),
-            "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-            "batch_size": batch_size, "quant": quant, "system_prompt": system_prompt,
-            "held_out_cache": held_out_cache,
+            "samples": cfg.samples, "rules": plan.rules, "scorer": (scorer.name if scorer else None),
+            "scorer_description": (scorer.description if scorer else None),
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "quant": cfg.quant, "system_prompt": plan.system_prompt,
+            "held_out_cache": str(cfg.held_out_cache) if cfg.held_out_cache is not None else None,
             "tie_break": "among tied answers the one seen first in sampling order wins; only parsable samples vote",
             "curves": "accuracy at n uses the first n samples of each problem",
         },
-        "grid": grid,
+        "grid": plan.grid,
         "models": model_results,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": time.perf_counter() - plan.started,
         "environment": _environment(),
     }
+    out = Path(cfg.out)
     paths = write_report(results, out)
     _write_details(out / "samples.jsonl", details)
     paths["samples"] = str(out / "samples.jsonl")

@@ -23,16 +23,10 @@ CANONICAL = ("prompt", "completion", "messages", "text")
 
 
 def parse_field_map(items: Iterable[str] | None) -> dict[str, str]:
-    """Parse CLI `--field canonical=column` items into {canonical: column}."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise DistillError(f"--field {item!r} must look like NAME=COLUMN, e.g. prompt=question")
-        key, col = (x.strip() for x in item.split("=", 1))
-        if key not in CANONICAL or not col:
-            raise DistillError(f"--field {item!r}: NAME must be one of {', '.join(CANONICAL)} and COLUMN non-empty")
-        out[key] = col
-    return out
+    """CLI `--field FIELD=COLUMN` items as {field: column}, FIELD one of CANONICAL."""
+    from distill.options import parse_assignments
+
+    return parse_assignments(items, keys=CANONICAL, flag="--field")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

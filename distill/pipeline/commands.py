@@ -8,22 +8,22 @@ from typing import Optional
 
 import typer
 
-from distill.config import RunConfig, load_config
+from distill.pipeline.config import RunConfig, load_config
 from distill.errors import DistillError
 from distill.io import atomic_write_json
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
 
-def demo_config(out: str, *, gsm8k: str | None = None, quick: bool = False) -> RunConfig:
+def demo_config(out: str | Path, *, gsm8k: str | Path | None = None, quick: bool = False) -> RunConfig:
     """The embedded default: SmolLM2-135M-Instruct teaches a half-depth NF4 + LoRA copy of itself.
 
     `quick` shrinks every stage (for CI and smoke tests); the stages and code paths stay the same.
     """
     config = load_config(DEMO_CONFIG)
-    config.run.dir = str(Path(out).resolve())
+    config.run.dir = Path(out).resolve()
     if gsm8k:
-        config.data.source, config.data.path = "gsm8k", str(Path(gsm8k).resolve())
+        config.data.source, config.data.path = "gsm8k", Path(gsm8k).resolve()
     if quick:
         config.data.limit, config.data.eval_limit = 4, 4
         config.generate.samples, config.generate.max_new_tokens = 2, 48
@@ -80,25 +80,25 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_command(
         config: Path = typer.Argument(..., help="A TOML run config (see examples/ and docs/pipeline.md)."),
-        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Override [run] dir."),
+        out: Optional[Path] = typer.Option(None, "--out", help="The run folder (default: [run] dir of CONFIG)."),
     ) -> None:
         """Run every stage of CONFIG: teacher, generate, filter, cache, student, train, export, bench.
 
         Finished stages are skipped, interrupted ones resume: rerun the same command after a crash.
         """
         cfg = load_config(config)
-        if run_dir:
-            cfg.run.dir = str(Path(run_dir).resolve())
+        if out is not None:
+            cfg.run.dir = out.resolve()
         run_pipeline(cfg)
 
     @app.command("demo")
     def demo_command(
-        out: str = typer.Option("demo-run", "--out", help="Run folder (rerun to resume or reuse)."),
-        gsm8k: Optional[str] = typer.Option(None, "--gsm8k", help="A local GSM8K folder (train.jsonl, test.jsonl) instead of synthetic problems."),
-        quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a smoke test of every stage in about a minute."),
+        out: Path = typer.Option(Path("demo-run"), "--out", help="The run folder (rerun to resume or reuse)."),
+        gsm8k: Optional[Path] = typer.Option(None, "--gsm8k", help="A local GSM8K folder (train.jsonl, test.jsonl) instead of synthetic problems."),
+        quick: bool = typer.Option(False, "--quick/--no-quick", help="Tiny sizes: a smoke test of every stage in about a minute."),
     ) -> None:
         """The embedded default, no network: SmolLM2-135M-Instruct (packaged GGUF) teaches a
         half-depth NF4 + LoRA student on synthetic arithmetic problems, then student vs teacher."""
-        if gsm8k and not Path(gsm8k).is_dir():
+        if gsm8k is not None and not gsm8k.is_dir():
             raise DistillError(f"--gsm8k {gsm8k} is not a folder with train.jsonl and test.jsonl")
         run_pipeline(demo_config(out, gsm8k=gsm8k, quick=quick))

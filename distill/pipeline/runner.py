@@ -18,7 +18,7 @@ from typing import Callable
 
 import typer
 
-from distill.config import RunConfig
+from distill.pipeline.config import RunConfig
 from distill.errors import DistillError
 from distill.io import atomic_write_json
 

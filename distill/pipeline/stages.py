@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from distill.config import RunConfig
 from distill.errors import DistillError
 from distill.io import atomic_write_jsonl
+from distill.pipeline.config import RunConfig
 from distill.pipeline.runner import RunContext, Stage
 
 UPSTREAM_TEACHER = ("teacher",)
@@ -50,45 +51,41 @@ def stage_teacher(ctx: RunContext) -> dict:
     from teachers.gguf_import import import_gguf, smollm2_gguf_path
 
     cfg = ctx.config.teacher
-    if cfg.gguf or cfg.model == "smollm2":
-        source = Path(cfg.gguf) if cfg.gguf else smollm2_gguf_path()
+    if cfg.gguf is not None or cfg.model == "smollm2":
+        source = Path(cfg.gguf) if cfg.gguf is not None else smollm2_gguf_path()
         out = import_gguf(source, _fresh(ctx.path("teacher")))
         return {"teacher": str(out), "source": str(source)}
     return {"teacher": cfg.model, "source": cfg.model}
 
 
-def problem_source(config: RunConfig, *, split: str) -> tuple[str, str]:
-    """The data spec `teachers.generate.load_problems` reads for `split`, and that split's name."""
+def problem_source(config: RunConfig, *, split: str) -> str:
+    """The problem spec (`distill.data.problems.load_problems`) of the [data] source for `split`."""
     data = config.data
     if data.source == "synthetic":
         # Training problems use the run seed; the benchmark's synthetic task uses its own seed.
         n = data.limit or 256
-        return (f"synthetic:{n}:{config.run.seed}" if split == "train" else "synthetic"), split
+        return f"synthetic:{n}:{config.run.seed}" if split == data.split else "synthetic"
     if data.source == "gsm8k":
-        return (data.path or "gsm8k"), split
-    return data.source, split
+        return str(data.path) if data.path is not None else "gsm8k"
+    return data.source
 
 
 def stage_generate(ctx: RunContext) -> dict:
     from teachers.generate import generate_traces
 
-    cfg, gen = ctx.config, ctx.config.generate
-    data, split = problem_source(cfg, split=cfg.data.split)
-    return generate_traces(
-        teacher=teacher_dir(ctx), data=data, split=split, out=ctx.path("traces.jsonl"),
-        samples=gen.samples, temperature=gen.temperature, top_p=gen.top_p,
-        max_new_tokens=gen.max_new_tokens, system_prompt=gen.system_prompt or None,
-        limit=cfg.data.limit or None, batch_size=gen.batch_size, seed=cfg.run.seed,
-        trust_remote_code=cfg.teacher.trust_remote_code,
-    ) | {"traces": str(ctx.path("traces.jsonl"))}
+    cfg = ctx.config
+    settings = replace(cfg.generate, teacher=teacher_dir(ctx), data=problem_source(cfg, split=cfg.data.split),
+                       out=ctx.path("traces.jsonl"), limit=cfg.data.limit or None, seed=cfg.run.seed,
+                       fields=cfg.data.fields, split=cfg.data.split, trust_remote_code=cfg.teacher.trust_remote_code,
+                       backend=cfg.teacher.backend, progress=True, device=None)
+    return generate_traces(**vars(settings)) | {"traces": str(ctx.path("traces.jsonl"))}
 
 
 def stage_filter(ctx: RunContext) -> dict:
     from teachers.filter import filter_traces
 
-    cfg = ctx.config.filter
-    report = filter_traces(ctx.path("traces.jsonl"), ctx.path("kept.jsonl"), keep=cfg.keep,
-                           require_format=cfg.require_format, echo=lambda *_: None)
+    settings = replace(ctx.config.filter, traces=ctx.path("traces.jsonl"), out=ctx.path("kept.jsonl"))
+    report = filter_traces(echo=lambda *_: None, **vars(settings))
     if not report["kept"]:
         raise DistillError(
             f"no trace survived the filter (0 of {report['traces']} kept, accuracy {report['accuracy']:.0%}); "
@@ -98,16 +95,19 @@ def stage_filter(ctx: RunContext) -> dict:
     return {"kept": str(ctx.path("kept.jsonl")), "yield": summary}
 
 
+def cache_settings(ctx: RunContext, data: Path, out: Path) -> dict:
+    """`build_cache` keywords: the [cache] section, the teacher of [teacher], the data and output given."""
+    cfg = ctx.config
+    settings = replace(cfg.cache, teacher=teacher_dir(ctx), data=str(data), out=out, fields=None, split=None,
+                       data_config=None, limit=None, as_chat=False, trust_remote_code=cfg.teacher.trust_remote_code,
+                       quant=cfg.teacher.quant, backend=cfg.teacher.backend, revision=None, device=None, progress=True)
+    return vars(settings)
+
+
 def stage_cache(ctx: RunContext) -> dict:
     from teachers.cache_build import build_cache
 
-    cfg = ctx.config
-    manifest = build_cache(
-        teacher_dir(ctx), ctx.path("kept.jsonl"), ctx.path("cache"), top_k=cfg.cache.top_k,
-        temperature=cfg.cache.temperature, max_length=cfg.cache.max_length, dtype=cfg.cache.dtype,
-        batch_size=cfg.cache.batch_size, trust_remote_code=cfg.teacher.trust_remote_code,
-        quant=cfg.teacher.quant,
-    )
+    manifest = build_cache(**cache_settings(ctx, ctx.path("kept.jsonl"), ctx.path("cache")))
     return {"cache": str(ctx.path("cache")), "sequences": manifest.num_samples,
             "tokens": manifest.num_tokens}
 
@@ -115,17 +115,17 @@ def stage_cache(ctx: RunContext) -> dict:
 def heldout_records(config: RunConfig) -> list[dict]:
     """Held-out problems with their reference solutions as chat records: a teacher forward over them
     gives a KL / agreement set that the student never trained on, at no generation cost."""
+    from distill.data.problems import load_problems
     from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
-    from teachers.generate import load_problems
 
     data = config.data
     if data.source == "synthetic":
         from distill.bench.tasks import SYNTHETIC_SEED
         spec = f"synthetic:{data.eval_limit}:{SYNTHETIC_SEED}"
     else:
-        spec, _ = problem_source(config, split="test")
-    problems = load_problems(spec, split="test", limit=data.eval_limit)
-    system = config.generate.system_prompt or DEFAULT_SYSTEM_PROMPT
+        spec = problem_source(config, split="test")
+    problems = load_problems(spec, split="test", limit=data.eval_limit, fields=data.fields)
+    system = DEFAULT_SYSTEM_PROMPT if config.generate.system_prompt is None else config.generate.system_prompt
     return [
         {"id": f"heldout-{p['id']}", "messages": [
             {"role": "system", "content": system},
@@ -139,14 +139,8 @@ def heldout_records(config: RunConfig) -> list[dict]:
 def stage_heldout(ctx: RunContext) -> dict:
     from teachers.cache_build import build_cache
 
-    cfg = ctx.config
-    records_path = atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(cfg))
-    manifest = build_cache(
-        teacher_dir(ctx), records_path, ctx.path("heldout-cache"), top_k=cfg.cache.top_k,
-        temperature=cfg.cache.temperature, max_length=cfg.cache.max_length, dtype=cfg.cache.dtype,
-        batch_size=cfg.cache.batch_size, trust_remote_code=cfg.teacher.trust_remote_code,
-        quant=cfg.teacher.quant,
-    )
+    records_path = atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(ctx.config))
+    manifest = build_cache(**cache_settings(ctx, records_path, ctx.path("heldout-cache")))
     return {"cache": str(ctx.path("heldout-cache")), "sequences": manifest.num_samples}
 
 
@@ -156,58 +150,47 @@ def stage_student(ctx: RunContext) -> dict:
         return {"student": cfg.model}
     from students.init_student import init_student
 
-    summary = init_student(teacher_dir(ctx), ctx.path("student-init"), cfg.keep_layers,
+    summary = init_student(teacher_dir(ctx), ctx.path("student-init"), keep_layers=cfg.keep_layers,
                            trust_remote_code=ctx.config.teacher.trust_remote_code, overwrite=True)
     return {"student": str(ctx.path("student-init")), "init": summary}
 
 
 def stage_train(ctx: RunContext) -> dict:
-    from students.train import TrainConfig, train
+    from students.train import train
 
-    cfg, t, s = ctx.config, ctx.config.train, ctx.config.student
-    summary = train(TrainConfig(
-        student=ctx.outputs["student"]["student"], cache=str(ctx.path("cache")), out=str(ctx.path("train")),
-        quant=s.quant, lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-        gradient_checkpointing=s.gradient_checkpointing,
-        trust_remote_code=s.trust_remote_code, loss=t.loss, temperature=t.temperature or None,
-        retemper_tail=t.retemper_tail or None,
-        kd_weight=t.kd_weight, ce_weight=t.ce_weight, steps=None if t.epochs else t.steps,
-        epochs=t.epochs or None, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        warmup_steps=t.warmup_steps, eval_every=t.eval_every, eval_fraction=t.eval_fraction,
-        max_length=cfg.cache.max_length, seed=cfg.run.seed, resume=True,
-    ))
+    settings = replace(ctx.config.train, student=ctx.outputs["student"]["student"], cache=str(ctx.path("cache")),
+                       out=ctx.path("train"), seed=ctx.config.run.seed, resume=True, progress=True)
+    summary = train(settings)
     return {"run": str(ctx.path("train")), "summary": _jsonable(summary)}
 
 
 def stage_export(ctx: RunContext) -> dict:
     from students.export import export_run
 
-    cfg = ctx.config.export
-    summary = export_run(ctx.path("train"), _fresh(ctx.path("export")), format=cfg.format, dtype=cfg.dtype)
+    settings = replace(ctx.config.export, run=ctx.path("train"), out=_fresh(ctx.path("export")), checkpoint=None)
+    summary = export_run(**vars(settings))
     return {"export": str(ctx.path("export")), "summary": _jsonable(summary)}
 
 
 def bench_task(config: RunConfig) -> str:
+    """The benchmark's problems: [bench] task, or else the [data] source's held-out ones."""
     if config.bench.task:
         return config.bench.task
     if config.data.source == "synthetic":
         return "synthetic"
-    if config.data.source == "gsm8k":
-        return str(Path(config.data.path) / "test.jsonl") if config.data.path else "gsm8k"
-    return config.data.source
+    return problem_source(config, split="test")
 
 
 def stage_bench(ctx: RunContext) -> dict:
     from distill.bench.runner import run_bench
 
     cfg = ctx.config
-    results = run_bench(
-        {"teacher": teacher_dir(ctx), "student": str(ctx.path("export"))},
-        task=bench_task(cfg), out=_fresh(ctx.path("bench")), limit=cfg.bench.limit,
-        samples=cfg.bench.samples, select=cfg.bench.select, held_out_cache=str(ctx.path("heldout-cache")),
-        max_new_tokens=cfg.bench.max_new_tokens, batch_size=cfg.generate.batch_size, seed=cfg.run.seed,
-        system_prompt=cfg.generate.system_prompt or None, trust_remote_code=cfg.teacher.trust_remote_code,
-    )
+    settings = vars(replace(
+        cfg.bench, task=bench_task(cfg), out=_fresh(ctx.path("bench")), held_out_cache=ctx.path("heldout-cache"),
+        seed=cfg.run.seed, system_prompt=cfg.generate.system_prompt, trust_remote_code=cfg.teacher.trust_remote_code,
+        fields=cfg.bench.fields if cfg.bench.task else cfg.data.fields, progress=True)).copy()
+    settings.pop("enabled"), settings.pop("models")
+    results = run_bench({"teacher": teacher_dir(ctx), "student": str(ctx.path("export"))}, **settings)
     return {"bench": str(ctx.path("bench")), "files": results["files"]}
 
 

@@ -1,4 +1,4 @@
-"""Tiny real models and tokenizers for tests and CI smoke runs.
+"""Tiny real models and tokenizers for the tests (imported as `helpers`: tests/ is on the path via conftest).
 
 They are real `transformers` objects (a byte-level BPE tokenizer trained on the fly, a randomly
 initialised Llama), small enough that a test builds, saves and runs one in well under a second.
