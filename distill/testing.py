@@ -92,3 +92,55 @@ def save_tiny_model(directory: str | Path, *, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_qwen2(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, pad_vocab_to: int | None = None,
+               tie_word_embeddings: bool = True):
+    """A random Qwen2 (q/k/v biases, tied embeddings like the small Qwen2.5) for `tokenizer`.
+
+    The biases are drawn at a visible scale (the default init is zero), so that an export that
+    dropped or misplaced them would show in the logits.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=max(len(tokenizer), pad_vocab_to or 0), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    model.eval()
+    return model
+
+
+def tiny_gemma3(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+    """A random Gemma 3 text model (Gemma3ForCausalLM) for `tokenizer`.
+
+    head_dim 256 = query_pre_attn_scalar, as in every released Gemma 3 but the 27B: llama.cpp scales
+    attention by 1/sqrt(head_dim), and transformers' GGUF loader assumes 256. The RMSNorm weights are
+    drawn away from zero (their init), so that the (1 + w) convention is exercised.
+    """
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+        query_pre_attn_scalar=256, max_position_embeddings=512, sliding_window=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    model.eval()
+    return model

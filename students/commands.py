@@ -87,15 +87,19 @@ def _train(
 
 def _export(
     run: Path = typer.Argument(..., help="Run directory of `distill train`."),
-    out: Path = typer.Option(..., "--out", help="Directory for the exported model."),
-    format: str = typer.Option("merged", "--format", help="merged (bf16/fp16 safetensors) or bnb-4bit (loads straight into NF4)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the exported model (the .gguf file for --format gguf)."),
+    format: str = typer.Option("merged", "--format", help="merged (bf16/fp16 safetensors), bnb-4bit (loads straight into NF4) or gguf (one file for llama.cpp)."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32 (compute dtype for bnb-4bit)."),
+    gguf_type: str = typer.Option("q8_0", "--gguf-type", help="Tensor type of --format gguf: f16, q8_0, q4_0 (or f32)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Export a checkpoint (step-XXXXXX or latest) instead of final/."),
 ) -> None:
-    """Export a trained run as a model that `AutoModelForCausalLM.from_pretrained` loads."""
+    """Export a trained run as a model that `AutoModelForCausalLM.from_pretrained` loads, or as a GGUF file."""
     from students.export import export_run
 
-    summary = export_run(run, out, format=format, dtype=dtype, checkpoint=checkpoint)
+    summary = export_run(run, out, format=format, dtype=dtype, checkpoint=checkpoint, gguf_type=gguf_type)
+    if summary["format"] == "gguf":
+        typer.echo(f"exported {summary['architecture']} GGUF ({summary['gguf_type']}, {summary['bytes'] / 2**20:.1f} MiB) to {summary['out']}")
+        return
     typer.echo(f"exported {summary['format']} ({summary['dtype']}) model to {summary['out']}")
 
 

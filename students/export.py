@@ -11,6 +11,9 @@ quantization error, which the tests bound.
 (bitsandbytes needed at load time).
 
 Both write into a temporary directory that is renamed into place, with a model card (README.md).
+
+`gguf`: the same fp32 merge written as ONE .gguf file for llama.cpp and the runtimes built on it
+(students/export_gguf.py), in f16, q8_0 or q4_0 (`gguf_type`); `out` is the file.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.io import atomic_directory
 
-FORMATS = ("merged", "bnb-4bit")
+FORMATS = ("merged", "bnb-4bit", "gguf")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -87,7 +90,7 @@ def merged_model(run: dict, adapter_dir: Path, *, dtype: str = "bf16"):
 
 
 def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dtype: str = "bf16", *,
-               checkpoint: str | None = None, overwrite: bool = False) -> dict:
+               checkpoint: str | None = None, overwrite: bool = False, gguf_type: str = "q8_0") -> dict:
     """Write the exported model to `out`; return a summary (format, dtype, files, parameters)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -97,6 +100,8 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dty
     if dtype not in DTYPES:
         raise DistillError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     run_dir, out = Path(run_dir), Path(out)
+    if format == "gguf":
+        return export_gguf_run(run_dir, out, gguf_type=gguf_type, checkpoint=checkpoint, overwrite=overwrite)
     run = read_run(run_dir)
     adapter = adapter_dir_of(run_dir, checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -132,3 +137,48 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "merged", dty
         write_model_card(tmp, run, run_dir, summary)
     summary["files"] = sorted(p.name for p in out.iterdir())
     return summary
+
+
+def export_gguf_run(run_dir: Path, out: Path, *, gguf_type: str = "q8_0", checkpoint: str | None = None,
+                    overwrite: bool = False) -> dict:
+    """The run's fp32 merge written as one GGUF file `out` (see students/export_gguf.py)."""
+    from students.export_gguf import GGUF_TYPES, gguf_architecture, write_gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise DistillError(f"--gguf-type {gguf_type!r} is unknown; use one of {', '.join(GGUF_TYPES)}")
+    if out.suffix.lower() != ".gguf":
+        raise DistillError(f"--out {out} must name the .gguf file to write for --format gguf (e.g. student-{gguf_type}.gguf)")
+    if out.exists() and not overwrite:
+        raise DistillError(f"--out {out} already exists; choose a new file name")
+    run = read_run(run_dir)
+    adapter = adapter_dir_of(run_dir, checkpoint)
+    _check_gguf_architecture(run, gguf_architecture)
+    model, tokenizer = merged_model(run, adapter, dtype="fp32")
+    kl = _final_kl(run_dir)
+    description = (f"distill student of {run.get('cache', {}).get('teacher') or 'a teacher'}, "
+                   f"{run.get('loss', {}).get('name', 'kd')} loss" + (f", held-out KL {kl:.4f}" if kl is not None else ""))
+    summary = write_gguf(model, tokenizer, out, gguf_type, name=Path(str(run["student"]["path"])).name or "student",
+                         description=description)
+    summary.update(format="gguf", dtype="fp32-merge", run_dir=str(run_dir), adapter=str(adapter), out=str(out),
+                   parameters=sum(p.numel() for p in model.parameters()), files=[out.name])
+    return summary
+
+
+def _check_gguf_architecture(run: dict, check) -> None:
+    """Refuse an unsupported architecture before the (slow) merge, from the student's config alone."""
+    from transformers import AutoConfig
+
+    student = run["student"]
+    try:
+        config = AutoConfig.from_pretrained(student["path"], trust_remote_code=bool(student.get("trust_remote_code", False)))
+    except Exception:  # noqa: BLE001 - the merge reports an unreadable student in its own words
+        return
+    check(config)
+
+
+def _final_kl(run_dir: Path):
+    summary = run_dir / "final" / "summary.json"
+    try:
+        return json.loads(summary.read_text()).get("final_eval_kl")
+    except (OSError, ValueError):
+        return None
