@@ -50,7 +50,7 @@ def _train(
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
     optimizer: str = typer.Option("auto", "--optimizer", help="auto (paged 8-bit AdamW on CUDA, AdamW on CPU), adamw, paged-adamw-8bit."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch (default 8)."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Padded tokens per micro-batch (instead of --batch-size)."),
+    batch_tokens: Optional[str] = typer.Option(None, "--batch-tokens", help="Padded tokens per micro-batch (instead of --batch-size), or auto: the largest that `distill plan` fits in this GPU's free memory (CPU: half the available RAM)."),
     grad_accum: int = typer.Option(1, "--grad-accum"),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out share of the cache (deterministic split)."),
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Cap on held-out samples evaluated."),
@@ -67,6 +67,13 @@ def _train(
     """Train a quantized LoRA student on a teacher cache with the chunked sparse-KD loss."""
     from students.train import TrainConfig, train
 
+    if batch_tokens is not None and batch_tokens != "auto":
+        try:
+            batch_tokens = int(batch_tokens)
+        except ValueError:
+            from distill.errors import DistillError
+
+            raise DistillError(f"--batch-tokens must be a number of tokens or auto, got {batch_tokens!r}") from None
     cfg = TrainConfig(
         student=student, cache=str(cache), out=str(out), quant=quant, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
@@ -79,6 +86,8 @@ def _train(
         progress=not no_progress, resume=resume,
     )
     summary = train(cfg)
+    if summary.get("batch_plan"):
+        typer.echo(summary["batch_plan"]["message"])
     kl = summary.get("final_eval_kl")
     agree = summary.get("final_top1_agreement")
     typer.echo(f"trained {summary['steps']} steps; held-out KL {kl if kl is None else f'{kl:.4f}'}, "

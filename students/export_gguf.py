@@ -22,7 +22,7 @@ higher precision, because its error goes straight into every logit. A matrix who
 multiple of the 32-value block falls back to F16.
 
 Tokenizer: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its merges, the pre-tokenizer named
-from the tokenizer's own pre-tokenizer (gpt2, smollm, qwen2, llama-bpe), added tokens as CONTROL
+from the tokenizer's own pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe), added tokens as CONTROL
 (special) or USER_DEFINED, ids the model has but the tokenizer lacks as UNUSED padding, and the chat
 template. Other tokenizers and architectures are refused in one line.
 """
@@ -200,7 +200,7 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -208,7 +208,7 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
         if pattern in _SPLIT_NAMES:
             return _SPLIT_NAMES[pattern]
     raise DistillError(f"GGUF export: the tokenizer's pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}) has no llama.cpp "
-                       "equivalent we know (gpt2, smollm, qwen2, llama-bpe)")
+                       "equivalent we know (gpt-2, smollm, qwen2, llama-bpe)")
 
 
 def _add_tokenizer(writer, tokenizer, n_vocab: int, scratch: Path) -> dict:

@@ -71,7 +71,7 @@ class TrainConfig:
     optimizer: str = "auto"  # auto | adamw | paged-adamw-8bit
     # data
     batch_size: int | None = None
-    batch_tokens: int | None = None
+    batch_tokens: int | str | None = None  # or "auto": the largest the memory planner fits (students/auto_batch.py)
     grad_accum: int = 1
     max_length: int | None = None
     eval_fraction: float = 0.05
@@ -108,7 +108,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise DistillError("give either --batch-size or --batch-tokens, not both")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise DistillError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
+    if isinstance(cfg.batch_tokens, str) and cfg.batch_tokens != "auto":
+        raise DistillError(f"--batch-tokens must be a number of tokens or auto, got {cfg.batch_tokens!r}")
+    if isinstance(cfg.batch_tokens, int) and cfg.batch_tokens < 1:
         raise DistillError(f"--batch-tokens must be at least 1, got {cfg.batch_tokens}")
     if cfg.grad_accum < 1:
         raise DistillError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
@@ -390,7 +392,16 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     if not train_idx:
         raise DistillError(f"no training samples left after holding out {len(eval_idx)} of {n}; lower --eval-fraction")
     lengths = sample_lengths(dataset)
-    plan = DataPlan(train_idx, lengths, cfg)
+    batch_plan = None
+    if cfg.batch_tokens == "auto":
+        from students.auto_batch import resolve_auto_batch
+
+        k = manifest.k if manifest else int(dataset[0]["topk_ids"].shape[-1])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        batch_plan = resolve_auto_batch(cfg, out, [lengths[i] for i in train_idx], top_k=k, device=device)
+        if cfg.progress:
+            tqdm.write(batch_plan["message"])
+    plan = DataPlan(train_idx, lengths, dataclasses.replace(cfg, batch_tokens=batch_plan["batch_tokens"]) if batch_plan else cfg)
     per_epoch = math.ceil(plan.batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * plan.batches_per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
@@ -412,6 +423,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
                      "train_samples": len(train_idx), "eval_samples": len(eval_idx)},
     }
+    if batch_plan is not None:
+        run_record["batch_plan"] = batch_plan
     resuming = _prepare_run_dir(out, run_record, cfg.resume)
 
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
@@ -530,6 +543,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         "train_seconds_this_session": elapsed, "tokens_this_session": tokens_seen,
         "parameters": count_parameters(unwrapped), "run_dir": str(out), "final_dir": str(out / "final"),
     }
+    if batch_plan is not None:
+        summary["batch_plan"] = batch_plan
     if accelerator.is_main_process:
         _save_final(out, unwrapped, tokenizer, summary)
     return summary

@@ -39,7 +39,7 @@ def test_f32_round_trip_is_exact(tmp_path, tok, arch):
     permutation, gemma's (1 + w) norms, a dropped bias or a wrong tied head)."""
     model = BUILDERS[arch](tok)
     summary = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
-    assert summary["architecture"] == arch and summary["tokenizer"] == "gpt2" and summary["pre"] == "gpt2"
+    assert summary["architecture"] == arch and summary["tokenizer"] == "gpt2" and summary["pre"] == "gpt-2"
     loaded, gtok = _load(tmp_path / "m.gguf")
     ids = torch.tensor([tok.encode(TEXT)])
     assert (_logprobs(loaded, ids) - _logprobs(model, ids)).abs().max().item() < 1e-4
