@@ -1,5 +1,5 @@
 """One TOML file describes a whole run: teacher, data, generation, filter, cache, student, training,
-export and benchmark. `load_config` validates it up front, so that a typo fails in one line naming
+export (and an optional GGUF file) and benchmark. `load_config` validates it up front, so that a typo fails in one line naming
 the key before an hour of teacher generation, not after.
 
 Each section is a dataclass; its fields are the keys a user may write, with their defaults. Relative
@@ -102,6 +102,11 @@ class ExportSection:
 
 
 @dataclass
+class GgufSection:
+    type: str = ""  # f16 | q8_0 | q4_0 (| f32): also write the student as one GGUF file for llama.cpp; empty = no
+
+
+@dataclass
 class BenchSection:
     enabled: bool = True
     task: str = ""  # empty = the data section's source
@@ -122,6 +127,7 @@ class RunConfig:
     student: StudentSection = field(default_factory=StudentSection)
     train: TrainSection = field(default_factory=TrainSection)
     export: ExportSection = field(default_factory=ExportSection)
+    gguf: GgufSection = field(default_factory=GgufSection)
     bench: BenchSection = field(default_factory=BenchSection)
 
     def to_dict(self) -> dict:
@@ -142,6 +148,7 @@ CHOICES = {
     "train.loss": {"forward-kl", "forward-kl-renorm", "reverse-kl", "jsd"},
     "export.format": {"merged", "bnb-4bit"},
     "export.dtype": {"bf16", "fp16", "fp32"},
+    "gguf.type": {"", "f32", "f16", "q8_0", "q4_0"},
 }
 POSITIVE = {
     "data.eval_limit", "generate.samples", "generate.max_new_tokens", "generate.batch_size",

@@ -25,13 +25,33 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE `PreTrainedTokenizerFast` with chat template and reasoning tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_tokenizer(vocab_size: int = 320, *, pre: str = "gpt-2"):
+    """A byte-level BPE `PreTrainedTokenizerFast` with chat template and reasoning tags.
+
+    `pre` picks the pre-tokenizer of a real family, so that exports can be checked per family:
+    "gpt-2" (plain byte-level regex), "smollm" (digits split one by one, then byte-level) or
+    "qwen2" (Qwen2's split regex + NFC normalizer).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise ValueError(f"unknown pre-tokenizer {pre!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
