@@ -53,6 +53,10 @@ class Spec:
     in_config: bool = True  # reachable from a config file section
     reason: str = ""  # why a field is not reachable from one of the two
     metavar: str | None = None
+    auto: bool = False  # an int field that also takes the word "auto" (decided at run time, e.g. --batch-tokens)
+
+
+AUTO = "auto"
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **spec: Any):
@@ -194,6 +198,8 @@ def _bounds_text(spec: Spec) -> str:
 
 def _check_value(d: Declared, value, label: str) -> None:
     spec, kind = d.spec, _kind(d.type)
+    if spec.auto and value == AUTO:
+        return
     if spec.choices is not None:
         if kind == "dict":
             bad = [k for k in value if k not in spec.choices]
@@ -242,9 +248,12 @@ def _type_text(tp) -> str:
     return {"list": "a list of strings", "dict": "a table of strings", "path": "str"}.get(_kind(tp), _kind(tp))
 
 
-def _coerce(key: str, value, tp, base_dir: Path | None):
-    """One TOML value checked against the field's type; ints are accepted where floats are expected."""
+def _coerce(key: str, value, tp, base_dir: Path | None, auto: bool = False):
+    """One TOML value checked against the field's type; ints are accepted where floats are expected
+    (and the word "auto" where the field is declared `auto`)."""
     kind = _kind(tp)
+    if auto and value == AUTO:
+        return value
     bad = DistillError(f"config key '{key}' must be {_type_text(tp)}, got {type(value).__name__} {value!r}")
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -300,7 +309,7 @@ def settings_from_table(cls, table: Mapping[str, Any], section: str, *, base_dir
         full = f"{section}.{key}"
         if key not in known:
             raise DistillError(f"unknown config key '{full}'; [{section}] takes: {', '.join(sorted(known))}")
-        setattr(obj, key, _coerce(full, value, known[key].type, base_dir))
+        setattr(obj, key, _coerce(full, value, known[key].type, base_dir, known[key].spec.auto))
     return validate(obj, config_names(section))
 
 
@@ -353,6 +362,9 @@ def typer_parameters(cls, exclude: Iterable[str] = ()) -> list[inspect.Parameter
             default = ... if d.required else ([f"{k}={v}" for k, v in default.items()] if default else None)
         elif kind == "path":
             annotation = Optional[Path] if optional else Path
+        elif d.spec.auto:
+            annotation = Optional[str]
+            default = ... if d.required else (None if default is None else str(default))
         else:
             annotation = Optional[inner] if optional else inner
         if d.spec.argument:
@@ -384,6 +396,11 @@ def from_cli(cls, values: Mapping[str, Any], **fixed):
         elif kind == "dict":
             value = parse_assignments(value, keys=d.spec.choices, flag=names(d.name)) or (
                 None if _optional(d.type)[1] else {})
+        elif d.spec.auto and isinstance(value, str) and value != AUTO:
+            try:
+                value = int(value) if kind == "int" else float(value)
+            except ValueError:
+                raise DistillError(f"{names(d.name)} must be a number or {AUTO}, got {value!r}") from None
         kwargs[d.name] = value
     return validate(cls(**kwargs))
 

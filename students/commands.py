@@ -31,6 +31,8 @@ def _train(cfg: TrainConfig) -> None:
     from students.train import train
 
     summary = train(cfg)
+    if summary.get("batch_plan"):
+        typer.echo(summary["batch_plan"]["message"])
     kl = summary.get("final_eval_kl")
     agree = summary.get("final_top1_agreement")
     typer.echo(f"trained {summary['steps']} steps; held-out KL {kl if kl is None else f'{kl:.4f}'}, "

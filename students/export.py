@@ -11,6 +11,9 @@ quantization error, which the tests bound.
 at load time).
 
 Both write into a temporary directory that is renamed into place, with a model card (README.md).
+
+`gguf`: the same fp32 merge written as ONE .gguf file for llama.cpp and the runtimes built on it
+(students/export_gguf.py), in f16, q8_0 or q4_0 (`gguf_type`); `out` is the file.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from distill.io import atomic_directory
 from distill.models.devices import DTYPE_NAMES as DTYPES
 from distill.options import option, validate
 
-FORMATS = ("merged", "bnb-4bit")
+FORMATS = ("merged", "bnb-4bit", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # the tensor types students/export_gguf.py writes
 
 
 @dataclass
@@ -35,9 +39,11 @@ class ExportConfig:
     """`distill export` and the `[export]` section of a run config (declared once)."""
 
     run: Path = option(help="Run directory of `distill train`.", argument=True)
-    out: Path = option(help="Directory for the exported model.")
-    format: str = option("merged", "merged (bf16/fp16 safetensors) or bnb-4bit (loads straight into NF4).", choices=FORMATS)
+    out: Path = option(help="Directory for the exported model (the .gguf file for --format gguf).")
+    format: str = option("merged", "merged (bf16/fp16 safetensors), bnb-4bit (loads straight into NF4) or gguf "
+                         "(one file for llama.cpp).", choices=FORMATS)
     dtype: str = option("bf16", "Weights dtype (merged) or compute dtype (bnb-4bit).", choices=tuple(DTYPES))
+    gguf_type: str = option("q8_0", "Tensor type of --format gguf: f16, q8_0, q4_0 (or f32).", choices=GGUF_TYPES)
     checkpoint: str | None = option(None, "Export a checkpoint (step-XXXXXX or latest) instead of final/.")
 
 
@@ -99,6 +105,8 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, **s
 
     cfg = validate(ExportConfig(run=Path(run), out=Path(out), **settings))
     run_dir, out, format, dtype, checkpoint = cfg.run, cfg.out, cfg.format, cfg.dtype, cfg.checkpoint
+    if format == "gguf":
+        return export_gguf_run(run_dir, out, gguf_type=cfg.gguf_type, checkpoint=checkpoint, overwrite=overwrite)
     run = read_run(run_dir)
     adapter = adapter_dir_of(run_dir, checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -130,3 +138,48 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, **s
         write_model_card(tmp, run, run_dir, summary)
     summary["files"] = sorted(p.name for p in out.iterdir())
     return summary
+
+
+def export_gguf_run(run_dir: Path, out: Path, *, gguf_type: str = "q8_0", checkpoint: str | None = None,
+                    overwrite: bool = False) -> dict:
+    """The run's fp32 merge written as one GGUF file `out` (see students/export_gguf.py)."""
+    from students.export_gguf import GGUF_TYPES, gguf_architecture, write_gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise DistillError(f"--gguf-type {gguf_type!r} is unknown; use one of {', '.join(GGUF_TYPES)}")
+    if out.suffix.lower() != ".gguf":
+        raise DistillError(f"--out {out} must name the .gguf file to write for --format gguf (e.g. student-{gguf_type}.gguf)")
+    if out.exists() and not overwrite:
+        raise DistillError(f"--out {out} already exists; choose a new file name")
+    run = read_run(run_dir)
+    adapter = adapter_dir_of(run_dir, checkpoint)
+    _check_gguf_architecture(run, gguf_architecture)
+    model, tokenizer = merged_model(run, adapter, dtype="fp32")
+    kl = _final_kl(run_dir)
+    description = (f"distill student of {run.get('cache', {}).get('teacher') or 'a teacher'}, "
+                   f"{run.get('loss', {}).get('name', 'kd')} loss" + (f", held-out KL {kl:.4f}" if kl is not None else ""))
+    summary = write_gguf(model, tokenizer, out, gguf_type, name=Path(str(run["student"]["path"])).name or "student",
+                         description=description)
+    summary.update(format="gguf", dtype="fp32-merge", run_dir=str(run_dir), adapter=str(adapter), out=str(out),
+                   parameters=sum(p.numel() for p in model.parameters()), files=[out.name])
+    return summary
+
+
+def _check_gguf_architecture(run: dict, check) -> None:
+    """Refuse an unsupported architecture before the (slow) merge, from the student's config alone."""
+    from distill.models import load_config
+
+    student = run["student"]
+    try:
+        config = load_config(student["path"], what="student", trust_remote_code=bool(student.get("trust_remote_code", False)))
+    except DistillError:  # the merge reports an unreadable student in its own words
+        return
+    check(config)
+
+
+def _final_kl(run_dir: Path):
+    summary = run_dir / "final" / "summary.json"
+    try:
+        return json.loads(summary.read_text()).get("final_eval_kl")
+    except (OSError, ValueError):
+        return None

@@ -85,7 +85,9 @@ class TrainConfig:
     optimizer: str = option("auto", "auto (paged 8-bit AdamW on CUDA, AdamW on CPU), adamw, paged-adamw-8bit.", choices=OPTIMIZERS)
     # data
     batch_size: int | None = option(None, "Sequences per micro-batch (default 8).", minimum=1)
-    batch_tokens: int | None = option(None, "Padded tokens per micro-batch (instead of --batch-size).", minimum=1)
+    batch_tokens: int | None = option(None, "Padded tokens per micro-batch (instead of --batch-size), or auto: the largest "
+                                      "that `distill plan` fits in this GPU's free memory (CPU: half the available RAM).",
+                                      minimum=1, auto=True)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", minimum=1)
     max_length: int | None = option(None, "Cut every cached sample to this many tokens (default: as cached).", minimum=2)
     eval_fraction: float = option(0.05, "Held-out share of the cache (deterministic split).", minimum=0, exclusive_maximum=1)
@@ -457,7 +459,16 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     if not train_idx:
         raise DistillError(f"no training samples left after holding out {len(eval_idx)} of {n}; lower --eval-fraction")
     lengths = sample_lengths(dataset)
-    plan = DataPlan(train_idx, lengths, cfg)
+    batch_plan = None
+    if cfg.batch_tokens == "auto":
+        from students.auto_batch import resolve_auto_batch
+
+        k = manifest.k if manifest else int(dataset[0]["topk_ids"].shape[-1])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        batch_plan = resolve_auto_batch(cfg, out, [lengths[i] for i in train_idx], top_k=k, device=device)
+        if cfg.progress:
+            tqdm.write(batch_plan["message"])
+    plan = DataPlan(train_idx, lengths, dataclasses.replace(cfg, batch_tokens=batch_plan["batch_tokens"]) if batch_plan else cfg)
     per_epoch = math.ceil(plan.batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * plan.batches_per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
@@ -482,6 +493,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
                      "train_samples": len(train_idx), "eval_samples": len(eval_idx)},
     }
+    if batch_plan is not None:
+        run_record["batch_plan"] = batch_plan
     resuming = _prepare_run_dir(out, run_record, cfg.resume)
 
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
@@ -607,6 +620,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         "train_seconds_this_session": elapsed, "tokens_this_session": tokens_seen,
         "parameters": count_parameters(unwrapped), "run_dir": str(out), "final_dir": str(out / "final"),
     }
+    if batch_plan is not None:
+        summary["batch_plan"] = batch_plan
     if accelerator.is_main_process:
         _save_final(out, unwrapped, tokenizer, summary)
     return summary

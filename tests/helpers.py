@@ -25,13 +25,33 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE `PreTrainedTokenizerFast` with chat template and reasoning tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_tokenizer(vocab_size: int = 320, *, pre: str = "gpt-2"):
+    """A byte-level BPE `PreTrainedTokenizerFast` with chat template and reasoning tags.
+
+    `pre` picks the pre-tokenizer of a real family, so that exports can be checked per family:
+    "gpt-2" (plain byte-level regex), "smollm" (digits split one by one, then byte-level) or
+    "qwen2" (Qwen2's split regex + NFC normalizer).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise ValueError(f"unknown pre-tokenizer {pre!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -116,5 +136,57 @@ def tiny_gemma4_multimodal(vocab_size: int, *, softcap: float = 2.0, seed: int =
     model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(head_scale)
+    model.eval()
+    return model
+
+
+def tiny_qwen2(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, pad_vocab_to: int | None = None,
+               tie_word_embeddings: bool = True):
+    """A random Qwen2 (q/k/v biases, tied embeddings like the small Qwen2.5) for `tokenizer`.
+
+    The biases are drawn at a visible scale (the default init is zero), so that an export that
+    dropped or misplaced them would show in the logits.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=max(len(tokenizer), pad_vocab_to or 0), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    model.eval()
+    return model
+
+
+def tiny_gemma3(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+    """A random Gemma 3 text model (Gemma3ForCausalLM) for `tokenizer`.
+
+    head_dim 256 = query_pre_attn_scalar, as in every released Gemma 3 but the 27B: llama.cpp scales
+    attention by 1/sqrt(head_dim), and transformers' GGUF loader assumes 256. The RMSNorm weights are
+    drawn away from zero (their init), so that the (1 + w) convention is exercised.
+    """
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+        query_pre_attn_scalar=256, max_position_embeddings=512, sliding_window=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
     model.eval()
     return model

@@ -80,5 +80,5 @@ def test_export_refusals(kd_pair, tmp_path):
     with pytest.raises(DistillError, match="final adapter"):
         export_run(tmp_path / "run", tmp_path / "out")
     with pytest.raises(DistillError, match="--format"):
-        export_run(tmp_path / "run", tmp_path / "out", format="gguf")
+        export_run(tmp_path / "run", tmp_path / "out", format="onnx")
     assert not (tmp_path / "out").exists()

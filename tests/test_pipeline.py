@@ -16,7 +16,7 @@ import pytest
 from distill.pipeline.config import load_config
 from distill.pipeline.commands import DEMO_CONFIG, demo_config
 
-STAGE_NAMES = ["teacher", "generate", "filter", "cache", "heldout", "student", "train", "export", "bench"]
+STAGE_NAMES = ["teacher", "generate", "filter", "cache", "heldout", "student", "train", "export", "gguf", "bench"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +53,8 @@ eval_fraction = 0.3
 [export]
 format = "merged"
 dtype = "fp32"
+[gguf]
+type = "f16"
 [bench]
 limit = 2
 samples = 2
@@ -78,6 +80,10 @@ def test_run_every_stage_then_skip_all(tmp_path, tiny_model_dir):
     results = json.loads((run / "bench" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["teacher", "student"]
     assert (run / "export" / "config.json").is_file()
+    import gguf
+
+    reader = gguf.GGUFReader(str(run / "student-f16.gguf"))  # the run ends with a llama.cpp file too
+    assert reader.fields["general.architecture"].contents() == "llama"
     second = distill_cli("run", str(config))
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("complete, skipped") == len(STAGE_NAMES)
@@ -134,5 +140,6 @@ def test_demo_quick_with_real_smollm2(tmp_path):
     results = json.loads((tmp_path / "demo" / "bench" / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
     assert names == ["teacher", "student"]
+    assert (tmp_path / "demo" / "student-q8_0.gguf").is_file()
     cfg = demo_config(str(tmp_path / "demo"), quick=True)
     assert cfg.train.quant == "nf4"

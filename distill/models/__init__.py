@@ -9,7 +9,7 @@ generation, chat prompts) are imported by their module paths: they need torch, t
 
 from distill.models.devices import compute_dtype, cuda_available, default_device, parse_dtype, resolve_device
 from distill.models.identity import config_hash, model_identity, weights_probe
-from distill.models.loading import attach_adapter, load_model, load_tokenizer, model_from_config, one_line
+from distill.models.loading import attach_adapter, load_config, load_model, load_tokenizer, model_from_config, one_line
 from distill.models.quant import QUANT_CHOICES, bnb_config, check_quant
 from distill.models.source import ModelSource, looks_like_hub_id, resolve_source
 

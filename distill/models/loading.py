@@ -50,6 +50,18 @@ def load_tokenizer(ref, *, what: str = "model", accept=("dir", "hub"), trust_rem
     return tok
 
 
+def load_config(ref, *, what: str = "model", accept=("dir", "hub"), trust_remote_code: bool = False,
+                revision: str | None = None):
+    """The model config of `ref` alone (no weights): what the memory planner and export checks read."""
+    from transformers import AutoConfig
+
+    src = resolve_source(ref, what=what, accept=accept)
+    try:
+        return AutoConfig.from_pretrained(src.tokenizer_path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a user-facing one-liner
+        raise DistillError(f"the config of {what} {src.ref} does not load: {one_line(err)}") from None
+
+
 def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = "none", device=None, dtype=None,
                trust_remote_code: bool = False, revision: str | None = None, device_map=None,
                adapter: str | Path | None = None, trainable: bool = False, task: str = "causal-lm"):

@@ -70,6 +70,9 @@ def stage_table(outputs: dict[str, dict]) -> str:
             note = (note + " " if note else "") + (
                 f"{t['steps']} steps, held-out KL {start}{t['final_eval_kl']:.3f}, "
                 f"top-1 agreement {t['final_top1_agreement']:.1%}")
+        if name == "gguf" and "summary" in out:
+            g = out["summary"]
+            note = (note + " " if note else "") + f"{Path(g['out']).name}, {g['bytes'] / 2**20:.1f} MiB ({g['architecture']}, {g['gguf_type']})"
         if name in ("cache", "heldout") and "sequences" in out:
             note = (note + " " if note else "") + f"{out['sequences']} sequences"
         lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")

@@ -24,7 +24,7 @@ from distill.bench.runner import BenchConfig
 from distill.errors import DistillError
 from distill.models.quant import QUANT_CHOICES
 from distill.options import blank, option, section_values, settings_from_table
-from students.export import ExportConfig
+from students.export import GGUF_TYPES, ExportConfig
 from students.init_student import StudentInitConfig
 from students.train import TrainConfig
 from teachers.cache_settings import CacheBuildConfig
@@ -82,6 +82,12 @@ class BenchSection(BenchConfig):
     enabled: bool = option(True, "Run the benchmark stage.")
 
 
+@dataclass
+class GgufSection:
+    type: str = option("", "Also write the trained student as one GGUF file for llama.cpp / Ollama / LM Studio: "
+                           "f16, q8_0, q4_0 or f32; empty: skip.", choices=("",) + GGUF_TYPES)
+
+
 # ------------------------------------------------------------------------------------------ sections
 
 
@@ -120,7 +126,9 @@ SECTIONS: dict[str, Section] = {
         "student": "[student] model or the student stage's output", "cache": "run.dir/cache", "out": "run.dir/train",
         "seed": "[run] seed", "resume": "always: a rerun continues an interrupted training", "progress": "always shown"}),
     "export": Section(ExportConfig, ExportConfig, wired={
-        "run": "run.dir/train", "out": "run.dir/export", "checkpoint": "the finished training (final/)"}),
+        "run": "run.dir/train", "out": "run.dir/export", "checkpoint": "the finished training (final/)",
+        "gguf_type": "[gguf] type (the GGUF file is a stage of its own)"}),
+    "gguf": Section(GgufSection),
     "bench": Section(BenchSection, BenchConfig, wired={
         "models": "the teacher and the exported student", "out": "run.dir/bench",
         "held_out_cache": "run.dir/heldout-cache", "seed": "[run] seed",
@@ -151,6 +159,7 @@ class RunConfig:
     student: StudentSection = _section("student")
     train: TrainConfig = _section("train")
     export: ExportConfig = _section("export")
+    gguf: GgufSection = _section("gguf")
     bench: BenchSection = _section("bench")
 
     def section(self, name: str) -> dict:

@@ -8,6 +8,7 @@
     student   a student made from the teacher's layers (unless one is given)     students/init_student.py
     train     QLoRA student on the cache                                         students/train.py
     export    a plain transformers checkpoint                                    students/export.py
+    gguf      the same student as one GGUF file for llama.cpp (when [gguf] type)  students/export_gguf.py
     bench     student vs teacher: accuracy, agreement, cost                       distill/bench/runner.py
 
 Each stage lists the config sections its output depends on, upstream ones included, so that the
@@ -172,6 +173,17 @@ def stage_export(ctx: RunContext) -> dict:
     return {"export": str(ctx.path("export")), "summary": _jsonable(summary)}
 
 
+def stage_gguf(ctx: RunContext) -> dict:
+    """The student as one .gguf file (llama.cpp, Ollama, LM Studio): its own stage and config section,
+    so that turning it on neither redoes the export nor invalidates a finished benchmark."""
+    from students.export import export_run
+
+    kind = ctx.config.gguf.type
+    out = ctx.path(f"student-{kind}.gguf")
+    summary = export_run(ctx.path("train"), out, format="gguf", gguf_type=kind, overwrite=True)
+    return {"gguf": str(out), "summary": _jsonable(summary)}
+
+
 def bench_task(config: RunConfig) -> str:
     """The benchmark's problems: [bench] task, or else the [data] source's held-out ones."""
     if config.bench.task:
@@ -207,5 +219,6 @@ STAGES = [
     Stage("student", UPSTREAM_STUDENT, stage_student),
     Stage("train", UPSTREAM_TRAIN, stage_train),
     Stage("export", UPSTREAM_TRAIN + ("export",), stage_export),
+    Stage("gguf", UPSTREAM_TRAIN + ("gguf",), stage_gguf, enabled=lambda c: bool(c.gguf.type)),
     Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled),
 ]

@@ -1,0 +1,52 @@
+"""`distill plan`: the memory of a training step and of inference for a student, and the largest batch
+that fits a GPU, from the model's config alone (distill/plan.py; formulas in docs/memory.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+
+def _plan(
+    student: str = typer.Option(..., "--student", help="Student model directory, config.json file or hub id (only the config is read)."),
+    quant: str = typer.Option("nf4", "--quant", help="Base weights: nf4, int8 or none."),
+    lora_r: int = typer.Option(16, "--lora-r"),
+    context: int = typer.Option(4096, "--context", help="Tokens per sequence (the padded length of a micro-batch)."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per micro-batch (default: one sequence)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU memory, e.g. 24GB: also print the largest batch that fits."),
+    optimizer: str = typer.Option("auto", "--optimizer", help="auto (paged 8-bit AdamW on a GPU, AdamW on the CPU), adamw, paged-adamw-8bit."),
+    no_gradient_checkpointing: bool = typer.Option(False, "--no-gradient-checkpointing"),
+    loss_chunk_size: int = typer.Option(512, "--loss-chunk-size", help="Rows of logits per loss chunk."),
+    top_k: int = typer.Option(32, "--top-k", help="Teacher tokens per position in the cache."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    cpu: bool = typer.Option(False, "--cpu", help="Plan a CPU run (fp32 compute) instead of a CUDA one (bf16)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Print the memory of each part of a training step and of inference, and what fits a GPU."""
+    from distill.plan import gpu_budget, largest_batch, load_shape, parse_size, plan_inference, plan_training, render
+
+    shape = load_shape(student, trust_remote_code=trust_remote_code)
+    compute = "fp32" if cpu else "bf16"
+    opt = optimizer if optimizer != "auto" else ("adamw" if cpu else "paged-adamw-8bit")
+    kwargs = dict(quant=quant, lora_r=lora_r, optimizer=opt, gradient_checkpointing=not no_gradient_checkpointing,
+                  compute=compute, loss_chunk=loss_chunk_size, top_k=top_k, lora_dropout=lora_dropout)
+    plan = plan_training(shape, context=context, batch_tokens=batch_tokens, **kwargs)
+    inference = plan_inference(shape, quant=quant, context=context, compute=compute)
+    gpu_bytes = parse_size(gpu) if gpu else None
+    best = largest_batch(shape, gpu_budget(gpu_bytes), context=context, **kwargs) if gpu_bytes else None
+    if as_json:
+        out = {"model": student, "shape": shape.__dict__, "training": plan.to_dict(),
+               "inference": {p.name: p.bytes for p in inference}}
+        if gpu_bytes:
+            out["gpu"] = {"bytes": gpu_bytes, "budget": gpu_budget(gpu_bytes),
+                          "largest_batch_tokens": best.settings["batch_tokens"] if best else 0}
+        typer.echo(json.dumps(out, indent=1))
+        return
+    typer.echo(render(plan, inference, gpu_bytes=gpu_bytes, best=best))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(_plan)
