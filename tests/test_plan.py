@@ -86,7 +86,7 @@ def test_plan_cli(tmp_path):
     js = json.loads(run("--student", str(tmp_path / "config.json"), "--json", "--gpu", "24GB").stdout)
     assert js["gpu"]["largest_batch_tokens"] % 4096 == 0 and js["training"]["total"] > 0
     bad = run("--student", str(tmp_path / "missing"))
-    assert bad.returncode == 1 and bad.stderr.startswith("error: cannot read the config")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: student") and "does not exist" in bad.stderr
 
 
 def test_train_batch_tokens_auto(kd_pair, tmp_path, monkeypatch):
