@@ -5,7 +5,7 @@
     distill student init, distill train, distill export     students/commands.py
     distill bench                          distill/bench/commands.py
     distill run CONFIG, distill demo       distill/pipeline/commands.py
-    distill plan                           distill/plan_commands.py (memory planner)
+    distill plan                           students/plan_commands.py (memory planner, distill/plan.py)
 
 Every user mistake raises `DistillError`; `main` prints it as one line and exits 1.
 """
@@ -42,7 +42,7 @@ def _register_all() -> None:
     from students import commands as student_commands
     from distill.bench import commands as bench_commands
     from distill.pipeline import commands as pipeline_commands
-    from distill import plan_commands
+    from students import plan_commands
 
     for module in (teacher_commands, student_commands, bench_commands, pipeline_commands, plan_commands):
         module.register(app)

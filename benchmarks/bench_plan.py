@@ -119,7 +119,7 @@ def _steps(model, tok, *, context: int, sequences: int, top_k: int, loss_chunk: 
         targets[i, : length - 1] = ids[i, 1:length]
     topk_ids = torch.randint(0, vocab, (B, T, top_k))
     topk_lp = torch.log_softmax(torch.randn(B, T, top_k + 1), -1)[..., :top_k].sort(-1, descending=True).values
-    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets, "topk_ids": topk_ids, "topk_logprobs": topk_lp}
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets, "target_ids": topk_ids, "target_logprobs": topk_lp}
     model.train()
     times, rss_before = [], 0
     for step in range(n):

@@ -181,9 +181,12 @@ class KDLossConfig:
             raise DistillError("kd_weight and ce_weight are both 0: nothing would be trained")
 
     def rows_per_chunk(self, logits_width: int) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return max(16, min(_MAX_AUTO_CHUNK_ROWS, _AUTO_CHUNK_ELEMENTS // max(1, logits_width)))
+        return self.chunk_size if self.chunk_size is not None else auto_chunk_rows(logits_width)
+
+
+def auto_chunk_rows(logits_width: int) -> int:
+    """The automatic chunk size: at most 256 MiB of fp32 logits and 1024 rows (256 rows at V=262k)."""
+    return max(16, min(_MAX_AUTO_CHUNK_ROWS, _AUTO_CHUNK_ELEMENTS // max(1, logits_width)))
 
 
 @dataclass

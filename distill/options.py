@@ -198,8 +198,10 @@ def _bounds_text(spec: Spec) -> str:
 
 def _check_value(d: Declared, value, label: str) -> None:
     spec, kind = d.spec, _kind(d.type)
-    if spec.auto and value == AUTO:
-        return
+    if spec.auto and isinstance(value, str):
+        if value == AUTO:
+            return
+        raise DistillError(f"{label} must be a number of tokens or {AUTO}, got {value!r}")
     if spec.choices is not None:
         if kind == "dict":
             bad = [k for k in value if k not in spec.choices]
@@ -400,7 +402,7 @@ def from_cli(cls, values: Mapping[str, Any], **fixed):
             try:
                 value = int(value) if kind == "int" else float(value)
             except ValueError:
-                raise DistillError(f"{names(d.name)} must be a number or {AUTO}, got {value!r}") from None
+                raise DistillError(f"{names(d.name)} must be a number of tokens or {AUTO}, got {value!r}") from None
         kwargs[d.name] = value
     return validate(cls(**kwargs))
 

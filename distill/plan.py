@@ -181,7 +181,7 @@ def quantized_linear_bytes(n_params: int, out_features: int, quant: str, compute
 
 def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, context: int = 4096,
                   batch_tokens: int | None = None, optimizer: str = "paged-adamw-8bit", gradient_checkpointing: bool = True,
-                  compute: str = "bf16", loss_chunk: int = 512, top_k: int = 32, lora_dropout: float = 0.05,
+                  compute: str = "bf16", loss_chunk: int | None = None, top_k: int = 32, lora_dropout: float = 0.05,
                   padded: bool = True) -> TrainingPlan:
     """Bytes of each part of one training micro-step at peak (the backward pass of the loss's last chunk).
 
@@ -268,6 +268,10 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
     other_mode = plan_training_activations_only(s, not gradient_checkpointing, N, T, per_layer_token, R, h, L, grads_in_flight)
     add("(activations " + ("without" if gradient_checkpointing else "with") + " checkpointing)", other_mode, "for comparison, not in the total")
 
+    if loss_chunk is None:  # the trainer's automatic size (distill.losses)
+        from distill.losses import auto_chunk_rows
+
+        loss_chunk = auto_chunk_rows(V)
     rows = min(loss_chunk, N)
     # One chunk's logits at the peak of its backward: logits, exp(logits - lse), the gradients of the
     # logsumexp and gather paths and their sum: ~5 fp32 [rows, V] tensors (measured on the CPU: 4.5 to

@@ -463,7 +463,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
     if cfg.batch_tokens == "auto":
         from students.auto_batch import resolve_auto_batch
 
-        k = manifest.k if manifest else int(dataset[0]["topk_ids"].shape[-1])
+        k = manifest.k if manifest else int(dataset[0]["target_ids"].shape[-1])
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         batch_plan = resolve_auto_batch(cfg, out, [lengths[i] for i in train_idx], top_k=k, device=device)
         if cfg.progress:
