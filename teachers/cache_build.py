@@ -1,16 +1,22 @@
 """Run a teacher over a data set and write its top-k next-token log-probs to a cache (the runner).
 
-Order of work, so that mistakes cost seconds, not hours: check arguments and the output directory, load
-and tokenize the data, load the tokenizer (k vs vocabulary), then the model, then open the writer (which
-refuses a cache made with something else), then stream shards.
+`build_cache` reads top to bottom in three steps:
+
+  prepare_build  check arguments and the output directory, load and tokenize the data, load the
+                 tokenizer (k vs vocabulary), then the model, then open the writer (which refuses a
+                 cache made with something else). Mistakes cost seconds, not hours.
+  run_shards     score this process's shards, batch by batch, and commit each one.
+  finish_build   wait for every process, then list the shards in the manifest and mark it complete.
 
 The teacher is a backend (`teachers.backends`, `--backend`, default "hf"): this runner never touches the
 model, it asks the backend for the top-k of each trained position (`score`) and records the backend's
 identity and build information in the manifest.
 
 Shard j always holds samples [j*shard_size, (j+1)*shard_size) in data order; inside a shard, samples are
-batched by length (little padding). Batching is a pure function of the data and options, so a resumed
-build computes exactly what an uninterrupted one would have.
+batched by length (little padding). Batching is a pure function of the shard's samples and the options,
+so a resumed build computes exactly what an uninterrupted one would have, and the shard's content does
+not depend on which process computed it. Under `accelerate launch --num_processes N` the shards still to
+do are dealt out round robin (`distill.ranks`): N processes build the cache a one-process build makes.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +37,11 @@ from distill.cache.format import Manifest, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
 from distill.errors import DistillError
+from distill.models.devices import device_map_memory
+from distill.ranks import Ranks, current_ranks
 
 VALUE_DTYPE_CHOICES = ("fp16", "bf16")
+DEVICE_MAP_CHOICES = ("auto", "balanced", "balanced_low_0", "sequential")
 # Test hook: seconds to sleep after each committed shard, so a test can SIGKILL a build mid-way.
 _SHARD_DELAY_ENV = "DISTILL_TEST_SHARD_DELAY"
 
@@ -62,6 +72,34 @@ def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+@dataclass
+class BuildJob:
+    """What the shard loop needs, made by `prepare_build`: the samples, the teacher, the writer, the options."""
+
+    out: Path
+    samples: list[tuple[list[int], list[int]]]
+    backend: Any  # a teachers.backends.TeacherBackend, loaded
+    writer: CacheWriter
+    ranks: Ranks
+    top_k: int
+    temperature: float
+    batch_size: int
+    batch_tokens: int | None
+    shard_size: int
+    say: Callable[[str], None]
+    todo: list[int] = field(default_factory=list)  # this process's shard indices, in order
+
+
+@dataclass
+class LoopStats:
+    """One process's figures from `run_shards` (summed over processes by `finish_build`)."""
+
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    tokens: int = 0
+    shards: int = 0
+
+
 def build_cache(
     teacher: str,
     data: str | Path | None,
@@ -83,9 +121,10 @@ def build_cache(
     trust_remote_code: bool = False,
     quant: str = "none",
     device: str | None = None,
+    device_map: str | None = None,
     teacher_dtype: str | None = None,
     revision: str | None = None,
-    rank: int = 0,
+    ranks: Ranks | None = None,
     progress: bool = True,
     log=None,
     backend: str = "hf",
@@ -94,11 +133,31 @@ def build_cache(
 
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
     the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`).
+    `device_map` ("auto", ...) spreads a teacher too big for one GPU over the machine's GPUs (and CPU).
+    `ranks`: this process among several (default: what the launcher says, `distill.ranks`); every
+    process calls build_cache with the same arguments and gets the same manifest back.
     Raises DistillError for every user mistake, before any output is written.
     """
-    from teachers.backends import check_backend, get_backend
+    job = prepare_build(
+        teacher, data, out, top_k=top_k, temperature=temperature, max_length=max_length, dtype=dtype,
+        batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=fields, split=split,
+        data_config=data_config, limit=limit, as_chat=as_chat, records=records,
+        trust_remote_code=trust_remote_code, quant=quant, device=device, device_map=device_map,
+        teacher_dtype=teacher_dtype, revision=revision, ranks=ranks, log=log, backend=backend,
+    )
+    if job.writer.manifest.complete:
+        job.say(f"cache in {job.out} is already complete ({len(job.samples)} sequences); nothing to do")
+        return job.writer.manifest
+    stats = run_shards(job, progress=progress)
+    return finish_build(job, stats)
 
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+def check_build_options(*, top_k: int, temperature: float, dtype: str, max_length: int, batch_size: int,
+                        batch_tokens: int | None, shard_size: int, device_map: str | None) -> None:
+    """One-line errors for options that are wrong whatever the teacher and data."""
     if top_k < 1:
         raise DistillError(f"--top-k must be at least 1, got {top_k}")
     if not temperature > 0:
@@ -109,10 +168,16 @@ def build_cache(
         raise DistillError(f"--max-length must be at least 2, got {max_length}")
     if batch_size < 1 or shard_size < 1 or (batch_tokens is not None and batch_tokens < 1):
         raise DistillError("--batch-size, --batch-tokens and --shard-size must be positive")
-    check_backend(backend)
-    out = Path(out)
-    check_output_dir(out)
+    check_device_map(device_map)
 
+
+def check_device_map(device_map: str | None) -> str | None:
+    if device_map is not None and device_map not in DEVICE_MAP_CHOICES:
+        raise DistillError(f"--device-map must be one of {', '.join(DEVICE_MAP_CHOICES)}, got {device_map!r}")
+    return device_map
+
+
+def _load_records(data, records, *, fields, split, data_config, limit, as_chat) -> list[dict]:
     if records is None:
         if data is None:
             raise DistillError("give --data (a file, a saved datasets directory or a hub data set id)")
@@ -124,16 +189,11 @@ def build_cache(
         records = [normalise_record(r, fields, as_chat=as_chat) for r in rows]
     if not records:
         raise DistillError("no records to cache")
+    return records
 
-    teacher_backend = get_backend(backend, teacher, device=device, quant=quant, dtype=teacher_dtype,
-                                  trust_remote_code=trust_remote_code, revision=revision)
-    tok = teacher_backend.tokenizer
-    vocab = teacher_backend.vocab_size
-    if top_k >= vocab:
-        # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
-        # leaves a spurious tail mass that no student can match.
-        raise DistillError(f"--top-k {top_k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
 
+def _encode_samples(tok, records, max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """(ids, mask) per record, cut to max_length, and the counts the manifest records about the cut."""
     samples: list[tuple[list[int], list[int]]] = []
     truncated = dropped_tokens = no_trained = 0
     for rec in records:
@@ -145,6 +205,37 @@ def build_cache(
         if not any(mask[1:]):
             no_trained += 1
         samples.append((ids, mask))
+    return samples, {"truncated_samples": truncated, "truncated_tokens": dropped_tokens,
+                     "samples_without_trained_tokens": no_trained}
+
+
+def prepare_build(teacher, data, out, *, top_k, temperature, max_length, dtype, batch_size, batch_tokens,
+                  shard_size, fields, split, data_config, limit, as_chat, records, trust_remote_code, quant,
+                  device, device_map, teacher_dtype, revision, ranks, log, backend) -> BuildJob:
+    """Everything before the first forward pass, cheapest checks first; returns the job for `run_shards`."""
+    from teachers.backends import check_backend, get_backend
+
+    check_build_options(top_k=top_k, temperature=temperature, dtype=dtype, max_length=max_length,
+                        batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size,
+                        device_map=device_map)
+    check_backend(backend)
+    out = Path(out)
+    check_output_dir(out)
+    records = _load_records(data, records, fields=fields, split=split, data_config=data_config, limit=limit,
+                            as_chat=as_chat)
+    ranks = ranks or current_ranks(device)
+    say = (log or (lambda msg: print(msg, file=sys.stderr))) if ranks.is_main else (lambda msg: None)
+
+    teacher_backend = get_backend(backend, teacher, device=device, quant=quant, dtype=teacher_dtype,
+                                  trust_remote_code=trust_remote_code, revision=revision, device_map=device_map,
+                                  max_memory=device_map_memory(device_map, ranks.local_rank, ranks.local_world))
+    tok = teacher_backend.tokenizer
+    vocab = teacher_backend.vocab_size
+    if top_k >= vocab:
+        # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
+        # leaves a spurious tail mass that no student can match.
+        raise DistillError(f"--top-k {top_k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
+    samples, cut = _encode_samples(tok, records, max_length)
     n = len(samples)
 
     teacher_backend.load()
@@ -169,61 +260,83 @@ def build_cache(
             "max_length": int(max_length),
             "shard_size": int(shard_size),
         },
-        build={
-            "truncated_samples": truncated, "truncated_tokens": dropped_tokens,
-            "samples_without_trained_tokens": no_trained, **teacher_backend.build_info,
-        },
+        build={**cut, **teacher_backend.build_info},
     )
-    writer = CacheWriter(out, manifest, rank=rank)
+    writer = CacheWriter(out, manifest, ranks=ranks)
+    job = BuildJob(out=out, samples=samples, backend=teacher_backend, writer=writer, ranks=ranks, top_k=int(top_k),
+                   temperature=float(temperature), batch_size=batch_size, batch_tokens=batch_tokens,
+                   shard_size=shard_size, say=say)
     if writer.manifest.complete:
-        say(f"cache in {out} is already complete ({n} sequences); nothing to do")
-        return writer.manifest
-    if truncated:
-        say(f"truncated {truncated} of {n} sequences to --max-length {max_length} ({dropped_tokens} tokens dropped)")
-    if no_trained:
-        say(f"warning: {no_trained} sequences have no trained tokens (empty completion or cut by --max-length)")
-
+        return job
+    if cut["truncated_samples"]:
+        say(f"truncated {cut['truncated_samples']} of {n} sequences to --max-length {max_length} "
+            f"({cut['truncated_tokens']} tokens dropped)")
+    if cut["samples_without_trained_tokens"]:
+        say(f"warning: {cut['samples_without_trained_tokens']} sequences have no trained tokens "
+            "(empty completion or cut by --max-length)")
     done = writer.done_indices()
     num_shards = (n + shard_size - 1) // shard_size
-    todo = [j for j in range(num_shards) if j not in done]
-    remaining = sum(min(shard_size, n - j * shard_size) for j in todo)
-    delay = float(os.environ.get(_SHARD_DELAY_ENV, "0") or 0)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=remaining, unit="seq", desc="cache", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    job.todo = ranks.take([j for j in range(num_shards) if j not in done])
     if done:
         say(f"resuming: {len(done)} of {num_shards} shards already in {out}")
+    if ranks.distributed:
+        say(f"{ranks.world} processes share the {num_shards - len(done)} shards still to do")
+    return job
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def score_shard(job: BuildJob, window: Sequence[tuple[list[int], list[int]]], on_batch=None) -> list[CachedSample]:
+    """The teacher's top-k rows for every trained position of the samples of one shard."""
+    results: list[CachedSample | None] = [None] * len(window)
+    k = job.top_k
+    for batch in length_batches([len(s[0]) for s in window], batch_size=job.batch_size, batch_tokens=job.batch_tokens):
+        seqs = [window[i][0] for i in batch]
+        pos = [trained_positions(np.asarray(window[i][1])) for i in batch]
+        if sum(len(p) for p in pos):
+            ids, lps = job.backend.score(seqs, pos, k=k, temperature=job.temperature)
+        else:  # nothing to score in this batch (all prompts, or cut by --max-length)
+            ids, lps = torch.zeros((0, k), dtype=torch.int64), torch.zeros((0, k))
+        a = 0
+        for b, i in enumerate(batch):
+            r = len(pos[b])
+            results[i] = CachedSample(np.asarray(window[i][0]), np.asarray(window[i][1], dtype=np.uint8),
+                                      ids[a:a + r], lps[a:a + r])
+            a += r
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(s) for s in seqs))
+    return results  # type: ignore[return-value]
+
+
+def run_shards(job: BuildJob, *, progress: bool = True) -> LoopStats:
+    """Score and commit this process's shards; the write of one overlaps the scoring of the next."""
+    from tqdm.auto import tqdm
+
+    n, size = len(job.samples), job.shard_size
+    remaining = sum(min(size, n - j * size) for j in job.todo)
+    delay = float(os.environ.get(_SHARD_DELAY_ENV, "0") or 0)
+    desc = "cache" if not job.ranks.distributed else f"cache (rank 0 of {job.ranks.world})"
+    bar = tqdm(total=remaining, unit="seq", desc=desc, file=sys.stderr, dynamic_ncols=True,
+               disable=not progress or not job.ranks.is_main)
+    stats = LoopStats()
     t0, c0 = time.perf_counter(), time.process_time()
-    tokens_done = 0
-    pool = ThreadPoolExecutor(max_workers=1)  # the shard write overlaps the next shard's forward passes
+
+    def on_batch(sequences: int, tokens: int) -> None:
+        stats.tokens += tokens
+        bar.update(sequences)
+        bar.set_postfix(tok_s=f"{stats.tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    pool = ThreadPoolExecutor(max_workers=1)
     pending: Future | None = None
     try:
-        for j in todo:
-            start, end = j * shard_size, min((j + 1) * shard_size, n)
-            window = samples[start:end]
-            results: list[CachedSample | None] = [None] * len(window)
-            for batch in length_batches([len(s[0]) for s in window], batch_size=batch_size, batch_tokens=batch_tokens):
-                seqs = [window[i][0] for i in batch]
-                pos = [trained_positions(np.asarray(window[i][1])) for i in batch]
-                if sum(len(p) for p in pos):
-                    ids, lps = teacher_backend.score(seqs, pos, k=top_k, temperature=temperature)
-                else:  # nothing to score in this batch (all prompts, or cut by --max-length)
-                    ids, lps = torch.zeros((0, top_k), dtype=torch.int64), torch.zeros((0, top_k))
-                a = 0
-                for b, i in enumerate(batch):
-                    r = len(pos[b])
-                    results[i] = CachedSample(
-                        np.asarray(window[i][0]), np.asarray(window[i][1], dtype=np.uint8), ids[a:a + r], lps[a:a + r]
-                    )
-                    a += r
-                ntok = sum(len(s) for s in seqs)
-                tokens_done += ntok
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+        for j in job.todo:
+            start = j * size
+            results = score_shard(job, job.samples[start:min(start + size, n)], on_batch)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_shard, j, start, results)
+            pending = pool.submit(job.writer.write_shard, j, start, results)
+            stats.shards += 1
             if delay:
                 pending.result()
                 time.sleep(delay)
@@ -232,13 +345,25 @@ def build_cache(
     finally:
         pool.shutdown(wait=True)
         bar.close()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-    final = writer.finish({
-        "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
-        "tokens_per_second": round(tokens_done / max(elapsed, 1e-9), 1),
+    stats.seconds, stats.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return stats
+
+
+# -------------------------------------------------------------------------------------------- finish
+
+
+def finish_build(job: BuildJob, stats: LoopStats) -> Manifest:
+    """Wait for every process, then record the build's figures and mark the cache complete (collective)."""
+    everyone = job.ranks.gather(stats)
+    seconds = max(s.seconds for s in everyone)
+    tokens = sum(s.tokens for s in everyone)
+    final = job.writer.finish({
+        "seconds": round(seconds, 3), "cpu_seconds": round(sum(s.cpu_seconds for s in everyone), 3),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "processes": job.ranks.world,
     })
-    say(
-        f"cached {n} sequences, {final.num_tokens} tokens ({final.num_rows} trained positions) in {out}: "
-        f"{final.total_bytes / max(final.num_tokens, 1):.1f} bytes/token, mean tail mass {final.mean_tail_mass:.4f}"
+    job.say(
+        f"cached {final.num_samples} sequences, {final.num_tokens} tokens ({final.num_rows} trained positions) "
+        f"in {job.out}: {final.total_bytes / max(final.num_tokens, 1):.1f} bytes/token, "
+        f"mean tail mass {final.mean_tail_mass:.4f}"
     )
     return final

@@ -65,14 +65,18 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N records."),
         chat: bool = typer.Option(False, "--chat", help="Wrap prompt/completion records in the chat template."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the teacher's own Python code to run."),
-        quant: str = typer.Option("none", "--quant", help="Load the teacher as none, nf4 or int8."),
+        quant: str = typer.Option("none", "--teacher-quant", help="Load the teacher as none, nf4 or int8."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a teacher too big for one GPU over this machine's GPUs, then the CPU (docs/scale-out.md)."),
         teacher_dtype: Optional[str] = typer.Option(None, "--teacher-dtype", help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the teacher."),
         backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
-        """Run a teacher over a data set and cache its top-k next-token log-probs (resumable)."""
+        """Run a teacher over a data set and cache its top-k next-token log-probs (resumable).
+
+        Under `accelerate launch --num_processes N` the N processes share the shards (docs/scale-out.md).
+        """
         from distill.data.records import parse_field_map
         from teachers.cache_build import build_cache
 
@@ -80,8 +84,8 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
             teacher, data, out, top_k=top_k, temperature=temperature, max_length=max_length, dtype=dtype,
             batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=parse_field_map(field),
             split=split, data_config=data_config, limit=limit, as_chat=chat, trust_remote_code=trust_remote_code,
-            quant=quant, device=device, teacher_dtype=teacher_dtype, revision=revision, progress=not no_progress,
-            backend=backend,
+            quant=quant, device=device, device_map=device_map, teacher_dtype=teacher_dtype, revision=revision,
+            progress=not no_progress, backend=backend,
         )
 
     @cache_app.command("info")
