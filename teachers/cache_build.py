@@ -21,7 +21,6 @@ do are dealt out round robin (`distill.ranks`): N processes build the cache a on
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from distill.cache.format import Manifest, id_dtype_for, tokenizer_fingerprint
+from distill.cache.format import Manifest, data_fingerprint, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
 from distill.errors import DistillError
@@ -60,16 +59,6 @@ def length_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int
     if cur:
         batches.append(cur)
     return batches
-
-
-def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
-    h = hashlib.sha256()
-    for ids, mask in samples:
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
-        h.update(b"|")
-        h.update(np.asarray(mask, dtype=np.uint8).tobytes())
-        h.update(b"#")
-    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -256,7 +245,7 @@ def prepare_build(teacher, data, out, *, top_k, temperature, max_length, dtype, 
         num_samples=n,
         data={
             "source": str(data) if data is not None else "records",
-            "fingerprint": _data_fingerprint(samples),
+            "fingerprint": data_fingerprint(samples),
             "max_length": int(max_length),
             "shard_size": int(shard_size),
         },
