@@ -38,20 +38,33 @@ def generate(
     field: Optional[List[str]] = typer.Option(None, "--field", help="Map columns: question=COL, answer=COL, id=COL."),
     split: str = typer.Option("test", "--split", help="Split for data directories and the hub."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    quant: str = typer.Option("none", "--teacher-quant", help="Load the teacher as none, nf4 or int8."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a teacher too big for one GPU over this machine's GPUs, then the CPU (docs/scale-out.md)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own code."),
     backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
 ) -> None:
-    """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s)."""
+    """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s).
+
+    Under `accelerate launch --num_processes N` the N processes share the problems (docs/scale-out.md)."""
     from teachers.generate import generate_traces
 
     summary = generate_traces(teacher=teacher, data=data, out=out, samples=samples, temperature=temperature,
                               top_p=top_p, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
                               limit=limit, batch_size=batch_size, seed=seed, fields=_parse_fields(field),
-                              split=split, device=device, trust_remote_code=trust_remote_code, backend=backend)
+                              split=split, device=device, quant=quant, device_map=device_map,
+                              trust_remote_code=trust_remote_code, backend=backend)
+    if summary.get("processes", 1) > 1 and not _is_main():
+        return
     st = summary["stats"]
     typer.echo(f"wrote {summary['written']} traces ({summary['skipped']} already done) for "
                f"{summary['problems']} problems x {summary['samples']} samples to {summary['out']}; "
                f"{st['new_tokens']} tokens in {st['seconds']:.1f}s = {st['tokens_per_s']:.1f} tok/s")
+
+
+def _is_main() -> bool:
+    from distill.ranks import current_ranks
+
+    return current_ranks().is_main
 
 
 def filter_cmd(

@@ -194,3 +194,26 @@ def test_work_is_dealt_round_robin_and_gpus_in_blocks():
 
     with pytest.raises(DistillError, match="needs at least 4 GPUs"):
         gpus_for_local_rank(0, 4, 2)
+
+
+GENERATE = ["--data", "synthetic:5", "--samples", "2", "--temperature", "1.0", "--max-new-tokens", "10",
+            "--batch-size", "2", "--seed", "3", "--device", "cpu"]
+
+
+def test_two_processes_write_the_one_process_traces_file(tmp_path, tiny_model_dir):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    for nproc, out in ((1, one), (2, two)):
+        result = run_distill(nproc, "teacher", "generate", "--teacher", str(tiny_model_dir), *GENERATE, "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert two.read_bytes() == one.read_bytes() and one.read_bytes().count(b"\n") == 10
+    assert not list(tmp_path.glob("*.part-*"))
+    # a killed multi-process run leaves part files; the rerun (any number of processes) folds them in
+    lines = one.read_bytes().splitlines(keepends=True)
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_bytes(b"".join(lines[:2]))
+    (tmp_path / "resumed.jsonl.part-r01").write_bytes(lines[6] + lines[7] + lines[2][:30])  # + half a line
+    result = run_distill(1, "teacher", "generate", "--teacher", str(tiny_model_dir), *GENERATE, "--out", str(resumed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 6 traces (4 already done)" in result.stdout
+    assert sorted(resumed.read_bytes().splitlines()) == sorted(one.read_bytes().splitlines())
+    assert not list(tmp_path.glob("*.part-*"))
