@@ -47,13 +47,18 @@ def _env(delay=None) -> dict:
     return env
 
 
-def launch_cmd(nproc: int, *args: str) -> list[str]:
-    """`distill ARGS` as N processes under accelerate launch (1: a plain process, no launcher)."""
+def launch_script(nproc: int, script: Path, *args: str) -> list[str]:
+    """`python SCRIPT ARGS` as N processes under accelerate launch (1: a plain process, no launcher)."""
     if nproc == 1:
-        return [sys.executable, str(ROOT / "cli.py"), *args]
+        return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), str(ROOT / "cli.py"), *args]
+            "--main_process_port", str(_free_port()), str(script), *args]
+
+
+def launch_cmd(nproc: int, *args: str) -> list[str]:
+    """`distill ARGS` as N processes."""
+    return launch_script(nproc, ROOT / "cli.py", *args)
 
 
 def kill_tree(pid: int) -> None:
@@ -217,3 +222,61 @@ def test_two_processes_write_the_one_process_traces_file(tmp_path, tiny_model_di
     assert "wrote 6 traces (4 already done)" in result.stdout
     assert sorted(resumed.read_bytes().splitlines()) == sorted(one.read_bytes().splitlines())
     assert not list(tmp_path.glob("*.part-*"))
+
+
+DRIVER = """
+import sys
+from distill.config import load_config
+from distill.pipeline.runner import run_stages
+from distill.pipeline.stages import STAGES
+
+config = load_config(sys.argv[1])
+config.run.dir = sys.argv[2]
+run_stages(config, [s for s in STAGES if s.name in sys.argv[3].split(",")])
+"""
+
+
+def test_pipeline_stages_on_two_processes_equal_one(tmp_path, tiny_model_dir):
+    """The rank-aware stage runner: the stages up to the caches, on 2 processes and on 1, give the same files."""
+    from test_pipeline import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    names = "teacher,generate,filter,cache,heldout"
+    runs = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"run{nproc}"
+        cmd = launch_script(nproc, driver, str(config), str(run), names)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("heldout: done") == 1  # one process speaks
+        runs[nproc] = run
+    one, two = runs[1], runs[2]
+    for name in ("traces.jsonl", "kept.jsonl", "heldout.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    for cache in ("cache", "heldout-cache"):
+        verify_cache(two / cache)
+        assert_same_samples(two / cache, one / cache)
+        _no_leftovers(two / cache)
+    assert sorted(p.name for p in (two / "stages").iterdir()) == sorted(f"{n}.json" for n in names.split(","))
+    again = subprocess.run(launch_script(2, driver, str(config), str(two), names), cwd=ROOT,
+                           env=_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 5, again.stderr[-3000:]
+
+
+def test_bench_on_two_processes_equals_one(tmp_path, tiny_model_dir):
+    """The benchmark's batches dealt over 2 processes give the completions and accuracies of 1 process."""
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"bench{nproc}"
+        r = run_distill(nproc, "bench", "--model", f"t={tiny_model_dir}", "--task", "synthetic", "--limit", "5",
+                        "--samples", "3", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress",
+                        "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[nproc] = json.loads((out / "results.json").read_text())
+        assert r.stdout.count("results.json") <= 1  # one process prints the summary
+    assert (tmp_path / "bench2" / "samples.jsonl").read_bytes() == (tmp_path / "bench1" / "samples.jsonl").read_bytes()
+    one, two = results[1]["models"][0], results[2]["models"][0]
+    assert two["accuracy"] == one["accuracy"] and two["curves"] == one["curves"]
+    assert two["cost"]["generated_tokens"] == one["cost"]["generated_tokens"] and two["cost"]["processes"] == 2

@@ -102,14 +102,23 @@ def run_bench(
     trust_remote_code: bool = False,
     progress: bool = True,
     print_summary: bool = False,
+    ranks=None,
 ) -> dict:
-    """Benchmark `models` on `task`; write the report into `out`; return the results dict."""
+    """Benchmark `models` on `task`; write the report into `out`; return the results dict.
+
+    Under `accelerate launch --num_processes N` (`ranks`, default: what the launcher says) every
+    process loads each model and generates its share of the batches (dealt round robin, the batches of
+    a one-process run); the main process gathers the completions, scores them, measures agreement and
+    writes the report. Every process returns the results.
+    """
     from distill.bench.loading import QUANT_CHOICES, load_for_bench
     from distill.bench.scorers import make_scorer
     from distill.bench.tasks import load_task
     from distill.models import default_device
+    from distill.ranks import current_ranks
 
     t_start = time.perf_counter()
+    ranks = ranks or current_ranks()
     pairs = parse_model_specs(models)
     if samples < 1:
         raise DistillError(f"--samples must be at least 1, got {samples}")
@@ -139,13 +148,15 @@ def run_bench(
         read_manifest(Path(held_out_cache))  # a missing / malformed cache fails before any model loads
     problems, task_info = load_task(task, limit=limit)
 
-    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, format_prompt, sample_completions
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, format_prompt
     from teachers.verify import answers_match, extract_answer
 
     if system_prompt is None:
         system_prompt = DEFAULT_SYSTEM_PROMPT
     needs_scores = any(r in SCORED_RULES for r in rules)
-    scorer_obj = make_scorer(scorer, trust_remote_code=trust_remote_code) if (needs_scores and scorer not in (None, "self")) else None
+    # the scorer runs where the completions are gathered: a reward model loads on the main process only
+    scorer_obj = (make_scorer(scorer, trust_remote_code=trust_remote_code)
+                  if (needs_scores and scorer not in (None, "self") and ranks.is_main) else None)
     if scorer_obj is None and needs_scores:
         scorer_obj = make_scorer("self")
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
@@ -162,22 +173,23 @@ def run_bench(
             model, tok = loaded.model, loaded.tokenizer
             prompts = [format_prompt(tok, p.question, system_prompt) for p in problems]
             stats = _new_stats()
-            bar = _bar(progress, name, len(problems) * ((1 if "greedy" in rules else 0) + (samples if sampled_rules else 0)))
+            rows = len(problems) * ((1 if "greedy" in rules else 0) + (samples if sampled_rules else 0))
+            bar = _bar(progress and ranks.is_main, name, -(-rows // ranks.world))  # the main process's share
             on_batch = (lambda rows, _t: bar.update(rows)) if bar is not None else None
             greedy = None
             if "greedy" in rules:
-                greedy = sample_completions(model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0,
-                                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                                            stats=stats, on_batch=on_batch)
+                greedy = _shared_completions(ranks, model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0,
+                                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                                             stats=stats, on_batch=on_batch)
             sampled = None
             if sampled_rules:
-                sampled = sample_completions(model, tok, prompts, num_samples=samples, temperature=temperature,
-                                             top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                             batch_size=batch_size, stats=stats, on_batch=on_batch)
+                sampled = _shared_completions(ranks, model, tok, prompts, num_samples=samples, temperature=temperature,
+                                              top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                              batch_size=batch_size, stats=stats, on_batch=on_batch)
             if bar is not None:
                 bar.close()
             agreement = None
-            if held_out_cache is not None:
+            if held_out_cache is not None and ranks.is_main:
                 from distill.bench.agreement import agreement_with_teacher
 
                 try:
@@ -185,17 +197,31 @@ def run_bench(
                                                        max_samples=held_out_limit)
                 except DistillError as err:
                     agreement = {"error": str(err)}
+        if ranks.distributed:
+            everyone = ranks.gather((stats.new_tokens, stats.seconds, meter.peak_bytes))
+            stats.new_tokens = sum(t for t, _, _ in everyone)
+            stats.seconds = max(sec for _, sec, _ in everyone)  # the processes ran side by side
+            peaks = [b for _, _, b in everyone if b is not None]
+            peak_bytes = max(peaks) if peaks else None
+        else:
+            peak_bytes = meter.peak_bytes
+        if not ranks.is_main:  # the main process scores, measures and reports
+            del model, loaded
+            gc.collect()
+            _empty_cuda_cache()
+            continue
         cost = {
             "parameters": cost_mod.parameter_count(model),
             "size_on_disk_bytes": cost_mod.size_on_disk(path),
             "quantization": cost_mod.quantization_kind(model) + (" (from gguf)" if loaded.source == "gguf" else ""),
-            "peak_memory_bytes": meter.peak_bytes,
+            "peak_memory_bytes": peak_bytes,
             "peak_memory_kind": meter.kind,
             "generated_tokens": stats.new_tokens,
             "generation_seconds": round(stats.seconds, 3),
             "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
             "load_seconds": round(load_s, 3),
             "batch_size": batch_size,
+            "processes": ranks.world,
         }
         if loaded.source == "adapter" and loaded.base_path:
             base_size = cost_mod.size_on_disk(loaded.base_path)
@@ -252,6 +278,8 @@ def run_bench(
 
     if scorer_obj is not None:
         scorer_obj.close()
+    if not ranks.is_main:
+        return ranks.broadcast(None)
     results = {
         "version": RESULTS_VERSION,
         "task": task_info,
@@ -275,7 +303,18 @@ def run_bench(
     results["files"] = paths
     if print_summary:
         print(terminal_summary(results, paths))
-    return results
+    return ranks.broadcast(results)
+
+
+def _shared_completions(ranks, model, tok, prompts, **kwargs):
+    """`sample_completions` with the batches dealt over the processes, gathered on every process."""
+    from distill.models.sampling import sample_completions
+
+    if not ranks.distributed:
+        return sample_completions(model, tok, prompts, **kwargs)
+    grids = ranks.gather(sample_completions(model, tok, prompts, take=ranks.take, **kwargs))
+    return [[next(g[p][s] for g in grids if g[p][s] is not None) for s in range(len(grids[0][p]))]
+            for p in range(len(prompts))]
 
 
 def _write_details(path: Path, details: list[dict]) -> None:

@@ -11,7 +11,8 @@
     bench     student vs teacher: accuracy, agreement, cost                       distill/bench/runner.py
 
 Each stage lists the config sections its output depends on, upstream ones included, so that the
-runner reuses an output only while everything that made it is unchanged.
+runner reuses an output only while everything that made it is unchanged. Under `accelerate launch` the
+parallel stages (generate, cache, heldout, train, bench) run on every process; the others on the main one.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def stage_heldout(ctx: RunContext) -> dict:
     from teachers.cache_build import build_cache
 
     cfg = ctx.config
-    records_path = atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(cfg))
+    records_path = ctx.ranks.on_main(lambda: atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(cfg)))
     manifest = build_cache(
         teacher_dir(ctx), records_path, ctx.path("heldout-cache"), top_k=cfg.cache.top_k,
         temperature=cfg.cache.temperature, max_length=cfg.cache.max_length, dtype=cfg.cache.dtype,
@@ -201,9 +202,10 @@ def stage_bench(ctx: RunContext) -> dict:
     from distill.bench.runner import run_bench
 
     cfg = ctx.config
+    out = ctx.ranks.on_main(lambda: _fresh(ctx.path("bench")))
     results = run_bench(
         {"teacher": teacher_dir(ctx), "student": str(ctx.path("export"))},
-        task=bench_task(cfg), out=_fresh(ctx.path("bench")), limit=cfg.bench.limit,
+        task=bench_task(cfg), out=out, limit=cfg.bench.limit,
         samples=cfg.bench.samples, select=cfg.bench.select, held_out_cache=str(ctx.path("heldout-cache")),
         max_new_tokens=cfg.bench.max_new_tokens, batch_size=cfg.generate.batch_size, seed=cfg.run.seed,
         system_prompt=cfg.generate.system_prompt or None, trust_remote_code=cfg.teacher.trust_remote_code,
@@ -215,14 +217,15 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+# parallel=True: every process of `accelerate launch` runs the stage and takes a share of its work.
 STAGES = [
     Stage("teacher", UPSTREAM_TEACHER, stage_teacher),
-    Stage("generate", UPSTREAM_TRACES, stage_generate),
+    Stage("generate", UPSTREAM_TRACES, stage_generate, parallel=True),
     Stage("filter", UPSTREAM_TRACES + ("filter",), stage_filter),
-    Stage("cache", UPSTREAM_CACHE, stage_cache),
-    Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout),  # uses the system prompt too
+    Stage("cache", UPSTREAM_CACHE, stage_cache, parallel=True),
+    Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout, parallel=True),  # uses the system prompt too
     Stage("student", UPSTREAM_STUDENT, stage_student),
-    Stage("train", UPSTREAM_TRAIN, stage_train),
+    Stage("train", UPSTREAM_TRAIN, stage_train, parallel=True),
     Stage("export", UPSTREAM_TRAIN + ("export",), stage_export),
-    Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled),
+    Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled, parallel=True),
 ]
