@@ -209,10 +209,10 @@ def prepare_build(teacher, data, out, *, top_k, temperature, max_length, dtype, 
                         device_map=device_map)
     check_backend(backend)
     out = Path(out)
-    check_output_dir(out)
+    ranks = ranks or current_ranks(device)
+    ranks.on_main(lambda: check_output_dir(out))  # the main process alone reads `out` before it is set up
     records = _load_records(data, records, fields=fields, split=split, data_config=data_config, limit=limit,
                             as_chat=as_chat)
-    ranks = ranks or current_ranks(device)
     say = (log or (lambda msg: print(msg, file=sys.stderr))) if ranks.is_main else (lambda msg: None)
 
     teacher_backend = get_backend(backend, teacher, device=device, quant=quant, dtype=teacher_dtype,

@@ -129,15 +129,17 @@ class CacheWriter:
         self.ranks = ranks or Ranks()
         self.rank = self.ranks.rank
         self._mine: list[ShardInfo] = []  # shards this (non-main) process committed, its progress file
+        self.manifest = manifest
+        # Only the main process looks at the directory before it is set up (the others could see it
+        # half-made); its verdict, or its one-line refusal, reaches every process.
+        self.manifest.shards, self.manifest.complete = self.ranks.on_main(self._open)
+
+    def _open(self) -> tuple[list[ShardInfo], bool]:
+        """Main process: check what `out` holds, fold a killed build's progress into the manifest, sweep leftovers."""
         check_output_dir(self.out)
         old = read_manifest(self.out) if (self.out / MANIFEST_NAME).is_file() else None
         if old is not None:
-            check_same_cache(old, manifest, self.out)
-        self.manifest = manifest
-        self.manifest.shards, self.manifest.complete = self.ranks.on_main(lambda: self._open(old))
-
-    def _open(self, old: Manifest | None) -> tuple[list[ShardInfo], bool]:
-        """Main process: fold a killed build's progress into the manifest and sweep its leftovers."""
+            check_same_cache(old, self.manifest, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         progress = sorted(p for p in self.out.iterdir() if PROGRESS_RE.match(p.name))
         shards = merge_shard_lists(self.out, old.shards if old else [], *(_read_progress(p) for p in progress))
