@@ -13,7 +13,8 @@ Figures, medians over repeats:
     process), i.e. the scaling of the work itself;
   * end-to-end throughput: tokens / the whole command's wall time (process start, imports, teacher
     load included: a fixed cost that a real build amortises);
-  * CPU seconds per 1,000 tokens summed over processes (the cost of splitting: ~equal when none);
+  * CPU seconds per 1,000 tokens summed over processes (the cost of splitting: ~equal when none),
+    the cores the loop actually got, and the ratio projected from CPU time for a free core each;
   * whether the two caches are identical shard by shard (sha256 per shard index).
 The machine's 1-minute load average is recorded before and after: on a shared machine other work
 takes cores from both runs and the wall ratio drops below what two idle cores give.
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_2x1_over_1x1_end_to_end": round(wall_ratio, 3),
         "cpu_s_per_1k_tokens": {"1x1": round(1000 * med(1, "cpu_s") / tokens, 3),
                                 "2x1": round(1000 * med(2, "cpu_s") / tokens, 3)},
+        # cores the build loop actually got (CPU seconds / loop seconds): below 1 and 2 when other work
+        # shares the machine, which caps the wall ratio whatever the code does
+        "cores_used_in_loop": {"1x1": round(med(1, "cpu_s") / med(1, "loop_s"), 2),
+                               "2x1": round(med(2, "cpu_s") / med(2, "loop_s"), 2)},
+        # a projection, not a measurement: the ratio if each process had a core of its own, from the
+        # CPU seconds (an even split of the work between the two processes assumed)
+        "projected_ratio_one_free_core_each": round(2 * med(1, "cpu_s") / med(2, "cpu_s"), 3),
         "target_ratio": 1.7,
         "caches_identical": identical,
         "cpu_count": os.cpu_count(),
