@@ -1,6 +1,6 @@
 """The `distill` command line: one typer app, each stage's commands registered from its own package.
 
-    distill cache build|info|verify       teachers/commands.py  (teacher cache)
+    distill cache build|info|verify|merge teachers/commands.py  (teacher cache)
     distill teacher import-gguf|generate|filter
     distill student init, distill train, distill export     students/commands.py
     distill bench                          distill/bench/commands.py

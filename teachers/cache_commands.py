@@ -1,7 +1,8 @@
-"""`distill cache build|info|verify` and `distill teacher import-gguf`.
+"""`distill cache build|info|verify|merge` and `distill teacher import-gguf`.
 
-Thin wrappers: the work is in `teachers/cache_build.py`, `distill/cache/verify.py` and
-`teachers/gguf_import.py`, which the pipeline calls directly as Python functions.
+Thin wrappers: the work is in `teachers/cache_build.py`, `distill/cache/verify.py`,
+`distill/cache/merge.py` and `teachers/gguf_import.py`, which the pipeline calls directly as Python
+functions.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def cache_summary(path: str | Path) -> dict:
 
 def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
     def build(cfg: CacheBuildConfig) -> None:
-        """Run a teacher over a data set and cache its top-k next-token log-probs (resumable)."""
+        """Run a teacher over a data set and cache its next-token distributions (resumable).
+
+        Under `accelerate launch --num_processes N` the N processes share the shards (docs/scale-out.md).
+        """
         from teachers.cache_build import build_cache
 
         settings = vars(cfg).copy()
@@ -86,6 +90,19 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         verify_cache(path)
         s = cache_summary(path)
         typer.echo(f"ok: {s['shards']} shards, {s['sequences']} sequences, {s['tokens']} tokens")
+
+    @cache_app.command("merge")
+    def merge(
+        caches: List[Path] = typer.Argument(..., help="Complete caches to merge, in order (C holds A's samples, then B's, ...)."),
+        out: Path = typer.Option(..., "--out", help="New directory for the merged cache."),
+    ) -> None:
+        """Merge caches built separately (other machines, other data slices) of one teacher, tokenizer,
+        codec, k and temperature; shards are linked or copied unchanged, the manifest renumbered."""
+        from distill.cache.merge import merge_caches
+
+        m = merge_caches(caches, out)
+        typer.echo(f"merged {len(caches)} caches into {out}: {len(m.shards)} shards, {m.num_samples} sequences, "
+                   f"{m.num_tokens} tokens")
 
     @teacher_app.command("import-gguf")
     def import_gguf_cmd(

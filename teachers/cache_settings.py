@@ -15,6 +15,8 @@ from distill.models.quant import QUANT_CHOICES
 from distill.options import option
 
 VALUE_DTYPE_CHOICES = ("fp16", "bf16")
+# accelerate's big-model placements: spread a teacher too big for one GPU over this machine's GPUs, then the CPU.
+DEVICE_MAP_CHOICES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -39,8 +41,10 @@ class CacheBuildConfig:
     limit: int | None = option(None, "Use only the first N records.", minimum=1)
     as_chat: bool = option(False, "Wrap prompt/completion records in the chat template.", flag="--chat")
     trust_remote_code: bool = option(False, "Allow the teacher's own Python code to run.")
-    quant: str = option("none", "Load the teacher as none, nf4 or int8.", choices=QUANT_CHOICES)
+    quant: str = option("none", "Load the teacher as none, nf4 or int8.", choices=QUANT_CHOICES, flag="--teacher-quant")
     device: str | None = option(None, "cpu or cuda (default: cuda when available).")
+    device_map: str | None = option(None, "auto: spread a teacher too big for one GPU over this machine's GPUs, then the "
+                                          "CPU (docs/scale-out.md).", choices=DEVICE_MAP_CHOICES)
     teacher_dtype: str | None = option(None, "bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU).")
     revision: str | None = option(None, "Hub revision of the teacher.")
     codec: str = option("topk", "What is stored per position (distill.cache.codecs): topk = the k most likely ids "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-cache_app = typer.Typer(help="Build, inspect and verify a teacher cache (top-k log-probs on disk).", no_args_is_help=True)
+cache_app = typer.Typer(help="Build, inspect, verify and merge teacher caches (top-k log-probs on disk).", no_args_is_help=True)
 teacher_app = typer.Typer(help="Run a teacher: import GGUF models, generate reasoning traces, filter them.", no_args_is_help=True)
 
 

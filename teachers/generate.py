@@ -4,11 +4,13 @@ This module owns the traces file: which problems, which (problem, sample) rows a
 settings and teacher recorded with every trace, and resuming after a kill. The teacher runs behind a
 backend (`teachers.backends`, `--backend`, default "hf"); prompts and row seeds come from
 `distill.models.sampling`. A resumed file holds exactly what an uninterrupted run writes because every row is seeded by
-(seed, prompt, sample index) and batches are fixed slices of the full row list.
+(seed, prompt, sample index) and batches are fixed slices of the full row list. For the same reason N
+processes (`accelerate launch`) that share the batches write the file one process writes.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.data.problems import FIELD_NAMES, load_problems
+from distill.models.quant import QUANT_CHOICES
 from distill.errors import DistillError
 from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, row_seed
 from distill.options import option, validate
+from distill.ranks import Ranks, current_ranks
+from teachers.cache_settings import DEVICE_MAP_CHOICES
 
 TRACE_FORMAT_VERSION = 1
 
@@ -45,6 +50,9 @@ class GenerateConfig:
                                            flag="--field", metavar="FIELD=COLUMN")
     split: str = option("train", "Split read from a data folder or the hub (traces are training data).")
     device: str | None = option(None, "cpu or cuda (default: cuda when available).")
+    quant: str = option("none", "Load the teacher as none, nf4 or int8.", choices=QUANT_CHOICES, flag="--teacher-quant")
+    device_map: str | None = option(None, "auto: spread a teacher too big for one GPU over this machine's GPUs, then "
+                                          "the CPU (docs/scale-out.md).", choices=DEVICE_MAP_CHOICES)
     trust_remote_code: bool = option(False, "Run the model repo's own code.")
     backend: str = option("hf", "Teacher backend that runs the model (hf: Hugging Face transformers).")
     progress: bool = option(True, "Show a progress bar with tokens/s.")
@@ -85,7 +93,41 @@ def _settings_key(settings: dict) -> dict:
                                           "format_version")}
 
 
-def generate_traces(**settings) -> dict:
+def part_path(out: Path, rank: int) -> Path:
+    """Where process `rank` of a multi-process run appends its traces until the main process folds them in."""
+    return out.with_name(f"{out.name}.part-r{rank:02d}")
+
+
+def fold_parts(out: Path, order: dict[tuple[str, int], int]) -> int:
+    """Append the traces of every part file to `out` in canonical row order, then delete the parts.
+
+    `order` maps (prompt id, sample) to its row's place in the full row list; rows it does not know go
+    last, in the order found. Rows already in `out` are not written twice, so folding again after a
+    kill between the append and the deletes is harmless. Returns the number of traces appended.
+    """
+    parts = sorted(out.parent.glob(f"{glob.escape(out.name)}.part-r*"))
+    if not parts:
+        return 0
+    have = {(r.get("prompt_id"), int(r.get("sample", -1))) for r in read_traces(out, repair=True)}
+    new: dict[tuple[str, int], dict] = {}
+    for part in parts:
+        for rec in read_traces(part):
+            key = (rec.get("prompt_id"), int(rec.get("sample", -1)))
+            if key not in have:
+                new.setdefault(key, rec)
+    rank_of = {key: (order.get(key, len(order)), i) for i, key in enumerate(new)}
+    if new:
+        with open(out, "a", encoding="utf-8") as fh:
+            for key in sorted(new, key=rank_of.__getitem__):
+                fh.write(json.dumps(new[key], ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(new)
+
+
+def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
     """Write `samples` traces per problem to `out` (JSONL, appended and flushed per batch).
 
     `settings` are the `GenerateConfig` fields (teacher, data, out, samples, ...): their defaults and
@@ -96,9 +138,14 @@ def generate_traces(**settings) -> dict:
     batches of the full (problem, sample) list and a partly written batch is regenerated whole, so a
     resumed file holds exactly what an uninterrupted run writes. Returns a summary dict.
 
+    Several processes (`accelerate launch`, `ranks`) deal the batches still to do round robin; each
+    appends to its own part file and, when all are done, the main process appends the parts to `out`
+    in row order: the file equals a one-process run's (rows are seeded one by one). A killed run's
+    parts are folded in first when it is rerun, with any number of processes.
+
     `backend` is a registered backend name (`teachers.backends.BACKENDS`, loaded for `teacher` with
-    `device` and `trust_remote_code`) or a ready backend object. Its identity (backend name included)
-    is recorded with every trace.
+    `device`, `quant`, `device_map` and `trust_remote_code`) or a ready backend object. Its identity
+    (backend name included) is recorded with every trace.
     """
     from distill.data.gsm8k import gold_answer
     from teachers.backends import check_backend, get_backend
@@ -116,6 +163,10 @@ def generate_traces(**settings) -> dict:
     out = Path(cfg.out)
     if out.exists() and out.is_dir():
         raise DistillError(f"--out {out} is a directory; give a .jsonl file path")
+    ranks = ranks or current_ranks(cfg.device)
+    rows = [(p, smp) for p in problems for smp in range(samples)]
+    order = {(p["id"], smp): i for i, (p, smp) in enumerate(rows)}
+    ranks.on_main(lambda: fold_parts(out, order))  # what a killed multi-process run left
     existing = read_traces(out)  # validate before loading a (possibly large) teacher
     settings = {"temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
                 "system_prompt": system_prompt, "seed": int(seed), "format_version": TRACE_FORMAT_VERSION}
@@ -125,7 +176,11 @@ def generate_traces(**settings) -> dict:
                                " use another --out or the same settings")
 
     if isinstance(backend, str):
-        backend = get_backend(backend, cfg.teacher, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        from distill.models.devices import device_map_memory
+
+        backend = get_backend(backend, cfg.teacher, device=cfg.device, quant=cfg.quant,
+                              trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
+                              max_memory=device_map_memory(cfg.device_map, ranks.local_rank, ranks.local_world))
     tokenizer, identity = backend.tokenizer, backend.identity
 
     questions = {p["id"]: p["question"] for p in problems}
@@ -142,17 +197,17 @@ def generate_traces(**settings) -> dict:
             raise DistillError(f"{out} holds traces for problem {pid} with a different question; "
                                "the data changed: use another --out")
         done.add((pid, int(rec.get("sample", -1))))
-    if existing:
+    if existing and ranks.is_main:
         read_traces(out, repair=True)
 
     prompts = {p["id"]: format_prompt(tokenizer, p["question"], system_prompt) for p in problems}
-    rows = [(p, s) for p in problems for s in range(samples)]
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     todo = [b for b in batches if any((p["id"], s) not in done for p, s in b)]
     pending_rows = sum(1 for b in todo for p, s in b if (p["id"], s) not in done)
+    mine = ranks.take(todo)
     stats = GenerationStats()
     bar = None
-    if cfg.progress:
+    if cfg.progress and ranks.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), initial=len(rows) - pending_rows, desc="generate", unit="trace",
@@ -160,9 +215,10 @@ def generate_traces(**settings) -> dict:
     live = _LiveRate(bar, stats)
     encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in prompts.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
+    sink = out if not ranks.distributed else part_path(out, ranks.rank)
     written = 0
-    with open(out, "a", encoding="utf-8") as fh:
-        for batch in todo:
+    with open(sink, "a", encoding="utf-8") as fh:
+        for batch in mine:
             live.start_batch()
             t0 = time.perf_counter()
             comps = backend.generate([encoded[p["id"]] for p, _ in batch],
@@ -193,9 +249,17 @@ def generate_traces(**settings) -> dict:
                 bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s")
     if bar is not None:
         bar.close()
+    if ranks.distributed:
+        ranks.barrier()  # every part is complete before the main process folds them
+        ranks.on_main(lambda: fold_parts(out, order))
+        everyone = ranks.gather((written, stats))
+        written = sum(w for w, _ in everyone)
+        stats = GenerationStats(new_tokens=sum(st.new_tokens for _, st in everyone),
+                                completions=sum(st.completions for _, st in everyone),
+                                seconds=max(st.seconds for _, st in everyone))
     stats.prompts = len(problems)
     return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
-            "skipped": len(rows) - pending_rows, "stats": stats.as_dict()}
+            "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict()}
 
 
 class _LiveRate:

@@ -13,14 +13,24 @@ from teachers.generate import GenerateConfig
 
 
 def generate(cfg: GenerateConfig) -> None:
-    """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s)."""
+    """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s).
+
+    Under `accelerate launch --num_processes N` the N processes share the problems (docs/scale-out.md)."""
     from teachers.generate import generate_traces
 
     summary = generate_traces(**vars(cfg))
+    if summary.get("processes", 1) > 1 and not _is_main():
+        return
     st = summary["stats"]
     typer.echo(f"wrote {summary['written']} traces ({summary['skipped']} already done) for "
                f"{summary['problems']} problems x {summary['samples']} samples to {summary['out']}; "
                f"{st['new_tokens']} tokens in {st['seconds']:.1f}s = {st['tokens_per_s']:.1f} tok/s")
+
+
+def _is_main() -> bool:
+    from distill.ranks import current_ranks
+
+    return current_ranks().is_main
 
 
 def filter_cmd(cfg: FilterConfig) -> None:

@@ -108,7 +108,7 @@ def test_hf_backend_contract(tiny_model_dir, tiny_tok):
 
 def test_bad_options_fail_before_the_tokenizer_loads(tmp_path):
     missing = str(tmp_path / "missing")
-    with pytest.raises(DistillError, match="--quant"):
+    with pytest.raises(DistillError, match="--teacher-quant"):
         get_backend("hf", missing, quant="fp3")
     with pytest.raises(DistillError, match="--teacher-dtype"):
         get_backend("hf", missing, dtype="fp8")

@@ -89,8 +89,10 @@ def test_bad_options(tmp_path, tiny_model_dir, data, capsys):
     _assert_one_line_error(code, err, "--top-k 320", "smaller than the teacher's vocabulary")
     code, _, err = _run(capsys, args + ["--dtype", "fp8"])
     _assert_one_line_error(code, err, "--dtype")
-    code, _, err = _run(capsys, args + ["--quant", "fp3"])
-    _assert_one_line_error(code, err, "--quant")
+    code, _, err = _run(capsys, args + ["--teacher-quant", "fp3"])
+    _assert_one_line_error(code, err, "--teacher-quant")
+    code, _, err = _run(capsys, args + ["--device-map", "everywhere"])
+    _assert_one_line_error(code, err, "--device-map", "auto")
     code, _, err = _run(capsys, _build_args(tmp_path / "no_such_teacher_dir", data, out))
     _assert_one_line_error(code, err, "teacher")
     assert not out.exists()  # nothing written on refusal

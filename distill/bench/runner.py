@@ -145,31 +145,41 @@ class BenchPlan:
     system_prompt: str
     scorer: object | None
     started: float
+    ranks: object  # distill.ranks.Ranks: this process among the launcher's
 
 
-def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool = False, **settings) -> dict:
+def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool = False, ranks=None,
+              **settings) -> dict:
     """Benchmark `models` on the task; write the report into `out`; return the results dict.
 
     `settings` are the other `BenchConfig` fields (out, task, samples, ...): their defaults and checks
     live there, once for the CLI, the run config and this call.
+
+    Under `accelerate launch --num_processes N` (`ranks`, default: what the launcher says) every
+    process loads each model and generates its share of the batches (dealt round robin, the batches of
+    a one-process run); the main process gathers the completions, scores them, measures agreement and
+    writes the report. Every process returns the results.
     """
-    plan = prepare_bench(models, **settings)
+    plan = prepare_bench(models, ranks=ranks, **settings)
     model_results, details = [], []
     for name, path in plan.pairs:
         result, rows = bench_model(plan, name, path)
-        model_results.append(result)
-        details += rows
+        if result is not None:  # None on the processes that only generated
+            model_results.append(result)
+            details += rows
     return finish_bench(plan, model_results, details, print_summary=print_summary)
 
 
-def prepare_bench(models: Sequence[str] | Mapping[str, str], **settings) -> BenchPlan:
+def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **settings) -> BenchPlan:
     """Check every input and load the problems and the scorer: a user mistake fails here, in one
     line, before any model loads and before anything is written."""
     from distill.bench.scorers import make_scorer
     from distill.bench.tasks import load_task
     from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
+    from distill.ranks import current_ranks
 
     started = time.perf_counter()
+    ranks = ranks or current_ranks()
     pairs = parse_model_specs(models)
     cfg = validate(BenchConfig(models=[f"{n}={p}" for n, p in pairs], **settings))
     rules = cfg.rules()
@@ -181,40 +191,57 @@ def prepare_bench(models: Sequence[str] | Mapping[str, str], **settings) -> Benc
     problems, task_info = load_task(cfg.task, limit=cfg.limit, split=cfg.split, fields=cfg.fields)
     scorer = None
     if any(r in SCORED_RULES for r in rules):
-        scorer = make_scorer(cfg.scorer, trust_remote_code=cfg.trust_remote_code) if cfg.scorer not in (None, "self") \
-            else make_scorer("self")
+        # the scorer runs where the completions are gathered: a reward model loads on the main process only
+        if cfg.scorer not in (None, "self") and ranks.is_main:
+            scorer = make_scorer(cfg.scorer, trust_remote_code=cfg.trust_remote_code)
+        else:
+            scorer = make_scorer("self")
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
     return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
                      grid=n_grid(cfg.samples) if sampled_rules else [], problems=problems, task_info=task_info,
                      system_prompt=DEFAULT_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt,
-                     scorer=scorer, started=started)
+                     scorer=scorer, started=started, ranks=ranks)
 
 
-def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict, list[dict]]:
+def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, list[dict]]:
     """One model: load it as deployed, generate (greedy and N samples), measure agreement and cost,
-    score the answers; returns its results entry and its per-completion records."""
+    score the answers; returns its results entry and its per-completion records (on the processes
+    that only generated their share: None and [])."""
     from distill.bench.loading import load_for_bench
     from distill.models import default_device
 
-    cfg = plan.cfg
+    cfg, ranks = plan.cfg, plan.ranks
     t_load = time.perf_counter()
     meter = cost_mod.PeakMemory(device=default_device())
     with meter:
         loaded = load_for_bench(name, path, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code)
         load_s = time.perf_counter() - t_load
         greedy, sampled, stats = _generate(plan, name, loaded.model, loaded.tokenizer)
-        agreement = _agreement(plan, loaded.model, loaded.tokenizer)
+        agreement = _agreement(plan, loaded.model, loaded.tokenizer) if ranks.is_main else None
+    peak_bytes = meter.peak_bytes
+    if ranks.distributed:
+        everyone = ranks.gather((stats.new_tokens, stats.seconds, meter.peak_bytes))
+        stats.new_tokens = sum(t for t, _, _ in everyone)
+        stats.seconds = max(sec for _, sec, _ in everyone)  # the processes ran side by side
+        peaks = [b for _, _, b in everyone if b is not None]
+        peak_bytes = max(peaks) if peaks else None
+    if not ranks.is_main:  # the main process scores, measures and reports
+        del loaded
+        gc.collect()
+        _empty_cuda_cache()
+        return None, []
     cost = {
         "parameters": cost_mod.parameter_count(loaded.model),
         "size_on_disk_bytes": cost_mod.size_on_disk(path),
         "quantization": cost_mod.quantization_kind(loaded.model) + (" (from gguf)" if loaded.source == "gguf" else ""),
-        "peak_memory_bytes": meter.peak_bytes,
+        "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": meter.kind,
         "generated_tokens": stats.new_tokens,
         "generation_seconds": round(stats.seconds, 3),
         "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
         "load_seconds": round(load_s, 3),
         "batch_size": cfg.batch_size,
+        "processes": ranks.world,
     }
     if loaded.source == "adapter" and loaded.base_path:
         base_size = cost_mod.size_on_disk(loaded.base_path)
@@ -239,22 +266,22 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict, list[dict]
 
 def _generate(plan: BenchPlan, name: str, model, tok):
     """Greedy completions (one per problem) and N sampled ones, with their generation stats."""
-    from distill.models.sampling import format_prompt, sample_completions
+    from distill.models.sampling import format_prompt
 
-    cfg = plan.cfg
+    cfg, ranks = plan.cfg, plan.ranks
     prompts = [format_prompt(tok, p.question, plan.system_prompt) for p in plan.problems]
     stats = _new_stats()
     rows = len(plan.problems) * ((1 if "greedy" in plan.rules else 0) + (cfg.samples if plan.sampled_rules else 0))
-    bar = _bar(cfg.progress, name, rows)
+    bar = _bar(cfg.progress and ranks.is_main, name, -(-rows // ranks.world))  # the main process's share
     on_batch = (lambda rows, _t: bar.update(rows)) if bar is not None else None
     common = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size, stats=stats,
                   on_batch=on_batch)
     greedy = sampled = None
     if "greedy" in plan.rules:
-        greedy = sample_completions(model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0, **common)
+        greedy = _shared_completions(ranks, model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0, **common)
     if plan.sampled_rules:
-        sampled = sample_completions(model, tok, prompts, num_samples=cfg.samples, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, **common)
+        sampled = _shared_completions(ranks, model, tok, prompts, num_samples=cfg.samples,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, **common)
     if bar is not None:
         bar.close()
     return greedy, sampled, stats
@@ -318,9 +345,11 @@ def _score(plan: BenchPlan, name: str, greedy, sampled):
 
 def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict], *, print_summary: bool = False) -> dict:
     """Write results.json, results.md, the plots and samples.jsonl; return the results dict."""
-    cfg, scorer = plan.cfg, plan.scorer
+    cfg, scorer, ranks = plan.cfg, plan.scorer, plan.ranks
     if scorer is not None:
         scorer.close()
+    if not ranks.is_main:
+        return ranks.broadcast(None)
     results = {
         "version": RESULTS_VERSION,
         "task": plan.task_info,
@@ -345,7 +374,18 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
     results["files"] = paths
     if print_summary:
         print(terminal_summary(results, paths))
-    return results
+    return ranks.broadcast(results)
+
+
+def _shared_completions(ranks, model, tok, prompts, **kwargs):
+    """`sample_completions` with the batches dealt over the processes, gathered on every process."""
+    from distill.models.sampling import sample_completions
+
+    if not ranks.distributed:
+        return sample_completions(model, tok, prompts, **kwargs)
+    grids = ranks.gather(sample_completions(model, tok, prompts, take=ranks.take, **kwargs))
+    return [[next(g[p][s] for g in grids if g[p][s] is not None) for s in range(len(grids[0][p]))]
+            for p in range(len(prompts))]
 
 
 def _write_details(path: Path, details: list[dict]) -> None:

@@ -172,6 +172,20 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(directory) / MANIFEST_NAME, manifest.to_json().encode())
 
 
+def data_fingerprint(samples) -> str:
+    """sha256 over every sample's token ids and loss mask, in order (`samples`: (ids, mask) pairs).
+
+    Recorded in the manifest: resuming a build on other data is refused, and a merged cache gets the
+    fingerprint of the concatenated data, as if it had been built in one go."""
+    h = hashlib.sha256()
+    for ids, mask in samples:
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+        h.update(np.asarray(mask, dtype=np.uint8).tobytes())
+        h.update(b"#")
+    return "sha256:" + h.hexdigest()
+
+
 # ---- tokenizer fingerprint -------------------------------------------------------------------
 
 def tokenizer_fingerprint(tokenizer) -> str:

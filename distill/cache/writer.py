@@ -1,8 +1,12 @@
 """Streaming, crash-safe cache writer: one shard at a time, each committed atomically, resumable.
 
-Commit order for a shard: write a `*.tmp` file, fsync, rename to its final name, then rewrite the manifest
-atomically with the shard listed. A shard that is on disk but not in the manifest (killed between the
-two renames) is simply rewritten on resume; its content is deterministic (same samples, same batches).
+Commit order for a shard: write a `*.tmp` file, fsync, rename to its final name, then list it (the main
+process rewrites manifest.json atomically; another process rewrites its own progress file). A shard on
+disk but listed nowhere (killed between the two renames) is simply rewritten on resume; its content is
+deterministic (same samples, same batches, whichever process computes it).
+
+Several processes (`accelerate launch`, see `distill.ranks`) write disjoint shards named after their
+rank; only the main process writes the manifest, so it is never rewritten concurrently.
 
 Resuming checks that everything which decides the content (teacher, tokenizer, k, temperature, data,
 dtypes) matches the manifest already there; a mismatch is refused in one line, never mixed.
@@ -11,8 +15,10 @@ dtypes) matches the manifest already there; a mismatch is refused in one line, n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +42,7 @@ from distill.cache.format import (
 )
 from distill.errors import DistillError
 from distill.io import atomic_write_bytes
+from distill.ranks import Ranks
 
 # Manifest fields that decide the content of a cache: resuming requires all of them to be equal.
 IDENTITY_FIELDS = (
@@ -82,35 +89,80 @@ def check_output_dir(out: str | Path) -> None:
         read_manifest(out)  # raises if it is some other kind of manifest
 
 
-class CacheWriter:
-    """Writes shards of a cache into `out` for writer `rank`; resumes an interrupted build of the same cache."""
+PROGRESS_RE = re.compile(r"^progress-r(\d{2,})\.json$")
 
-    def __init__(self, out: str | Path, manifest: Manifest, *, rank: int = 0):
+
+def progress_name(rank: int) -> str:
+    """The file in which writer `rank` (not the main one) lists the shards it committed."""
+    return f"progress-r{rank:02d}.json"
+
+
+def _read_progress(path: Path) -> list[ShardInfo]:
+    """Shards listed in one progress file; an unreadable one lists nothing (its shards are redone)."""
+    try:
+        return [ShardInfo(**s) for s in json.loads(path.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def merge_shard_lists(out: Path, *lists: Sequence[ShardInfo]) -> list[ShardInfo]:
+    """One entry per shard index, the first listed winning, kept only while its file is on disk.
+
+    Two entries for one index hold the same samples and the same bytes (content does not depend on
+    the writer), so which one stays does not matter; the other file is swept by `finish`.
+    """
+    seen: dict[int, ShardInfo] = {}
+    for shards in lists:
+        for s in shards:
+            if s.index not in seen and SHARD_RE.match(s.file) and (out / s.file).is_file():
+                seen[s.index] = s
+    return sorted(seen.values(), key=lambda s: (s.start, s.rank))
+
+
+class CacheWriter:
+    """Writes shards of a cache into `out` from one or several processes; resumes an interrupted build.
+
+    With several processes (`ranks`), each writes only the shards it was given, named after its rank,
+    so no two processes ever write one file. The main process (rank 0) alone writes manifest.json: the
+    others record what they committed in their own `progress-rRR.json` (rewritten atomically after each
+    shard), and the main process folds those files into the manifest whenever it commits a shard of
+    its own, and once more in `finish`, after every process is done. Opening the writer folds in what a
+    killed build left (manifest plus progress files, whatever its number of processes), so a rerun with
+    any number of processes skips every shard that was committed.
+    """
+
+    def __init__(self, out: str | Path, manifest: Manifest, *, ranks: Ranks | None = None):
         self.out = Path(out)
-        self.rank = rank
-        check_output_dir(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if (self.out / MANIFEST_NAME).is_file():
-            old = read_manifest(self.out)
-            for name in IDENTITY_FIELDS:
-                a, b = getattr(old, name), getattr(manifest, name)
-                if name == "teacher":  # the same weights moved to another path are the same teacher
-                    a, b = ({k: v for k, v in d.items() if k != "name_or_path"} for d in (a, b))
-                if a != b:
-                    raise DistillError(
-                        f"--out {self.out} holds a cache built with a different {name.replace('_', ' ')}; "
-                        "use a new --out directory (or delete the old cache)"
-                    )
-            manifest.shards = [s for s in old.shards if (self.out / s.file).is_file()]
-            manifest.complete = old.complete and len(manifest.shards) == len(old.shards)
+        self.ranks = ranks or Ranks()
+        self.rank = self.ranks.rank
+        self._mine: list[ShardInfo] = []  # shards this (non-main) process committed, its progress file
         self.manifest = manifest
         self.codec = codec_for_manifest(manifest)
+        # Only the main process looks at the directory before it is set up (the others could see it
+        # half-made); its verdict, or its one-line refusal, reaches every process.
+        self.manifest.shards, self.manifest.complete = self.ranks.on_main(self._open)
+
+    def _open(self) -> tuple[list[ShardInfo], bool]:
+        """Main process: check what `out` holds, fold a killed build's progress into the manifest, sweep leftovers."""
+        check_output_dir(self.out)
+        old = read_manifest(self.out) if (self.out / MANIFEST_NAME).is_file() else None
+        if old is not None:
+            check_same_cache(old, self.manifest, self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        progress = sorted(p for p in self.out.iterdir() if PROGRESS_RE.match(p.name))
+        shards = merge_shard_lists(self.out, old.shards if old else [], *(_read_progress(p) for p in progress))
+        complete = bool(old is not None and old.complete and {s.file for s in shards} == {s.file for s in old.shards})
+        self.manifest.shards, self.manifest.complete = shards, complete
+        write_manifest(self.out, self.manifest)
+        for p in progress:  # listed in the manifest now
+            p.unlink(missing_ok=True)
         for stale in self.out.glob("*.tmp"):  # leftovers of a killed write; never part of the cache
             stale.unlink(missing_ok=True)
-        write_manifest(self.out, self.manifest)
+        return shards, complete
 
     def done_indices(self) -> set[int]:
-        return {s.index for s in self.manifest.shards if s.rank == self.rank}
+        """Shard indices already committed, by any process of this build or of an earlier one."""
+        return {s.index for s in self.manifest.shards}
 
     def write_shard(self, index: int, start: int, samples: Sequence[CachedSample]) -> ShardInfo:
         m = self.manifest
@@ -143,28 +195,64 @@ class CacheWriter:
             sha256=hashlib.sha256(blob).hexdigest(), tail_mass_sum=float(tail),
             codec_bytes=int(sum(t.numel() * t.element_size() for t in codec_tensors.values())),
         )
-        m.shards = [s for s in m.shards if not (s.rank == self.rank and s.index == index)] + [info]
-        m.shards.sort(key=lambda s: (s.start, s.rank))
-        write_manifest(self.out, m)
+        if self.ranks.is_main:
+            m.shards = merge_shard_lists(self.out, [s for s in m.shards if s.index != index] + [info], *self._progress())
+            write_manifest(self.out, m)
+        else:
+            self._mine.append(info)
+            atomic_write_bytes(self.out / progress_name(self.rank),
+                               (json.dumps({"shards": [asdict(s) for s in self._mine]}, indent=1) + "\n").encode())
         return info
 
+    def _progress(self) -> list[list[ShardInfo]]:
+        return [_read_progress(p) for p in sorted(self.out.iterdir()) if PROGRESS_RE.match(p.name)]
+
     def finish(self, build_info: dict[str, Any] | None = None) -> Manifest:
-        """Mark the cache complete once every sample is covered exactly once by a shard."""
+        """Mark the cache complete once every sample is covered exactly once (after every process is done).
+
+        Collective: every process calls it; the main process merges the progress files into the
+        manifest once, checks coverage, writes it and sweeps unlisted shard files; all return it.
+        """
+        self.ranks.barrier()
+        self.manifest = self.ranks.on_main(lambda: self._finish(build_info))
+        return self.manifest
+
+    def _finish(self, build_info: dict[str, Any] | None) -> Manifest:
         m = self.manifest
+        progress = sorted(p for p in self.out.iterdir() if PROGRESS_RE.match(p.name))
+        m.shards = merge_shard_lists(self.out, m.shards, *(_read_progress(p) for p in progress))
         covered = 0
-        for s in sorted(m.shards, key=lambda s: s.start):
+        for s in m.shards:
             if s.start != covered:
+                write_manifest(self.out, m)
                 raise DistillError(f"cache in {self.out} misses samples {covered}..{s.start}; rerun the build to resume")
             covered = s.end
         if covered != m.num_samples:
+            write_manifest(self.out, m)
             raise DistillError(f"cache in {self.out} covers {covered} of {m.num_samples} samples; rerun the build to resume")
         if build_info:
             m.build.update(build_info)
         m.complete = True
         write_manifest(self.out, m)
-        # Remove shard files of this rank that the manifest does not list (e.g. a different shard size).
+        for p in progress:
+            p.unlink(missing_ok=True)
+        # Remove shard files that the manifest does not list (a shard committed twice, by two processes
+        # of a killed build, or written by a killed process before its progress file named it).
         listed = {s.file for s in m.shards}
         for p in self.out.iterdir():
             if SHARD_RE.match(p.name) and p.name not in listed:
                 os.unlink(p)
         return m
+
+
+def check_same_cache(old: Manifest, new: Manifest, out: Path) -> None:
+    """Refuse to resume into a cache built with something else (one line naming the first difference)."""
+    for name in IDENTITY_FIELDS:
+        a, b = getattr(old, name), getattr(new, name)
+        if name == "teacher":  # the same weights moved to another path are the same teacher
+            a, b = ({k: v for k, v in d.items() if k != "name_or_path"} for d in (a, b))
+        if a != b:
+            raise DistillError(
+                f"--out {out} holds a cache built with a different {name.replace('_', ' ')}; "
+                "use a new --out directory (or delete the old cache)"
+            )

@@ -62,3 +62,25 @@ def parse_dtype(dtype, *, device=None, flag: str = "dtype"):
     if dtype not in names:
         raise DistillError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     return names[dtype]
+
+
+def device_map_memory(device_map, local_rank: int = 0, local_world: int = 1) -> dict | None:
+    """`max_memory` for a `device_map` load by one of `local_world` processes on this machine, or None.
+
+    None (accelerate's own budget: every GPU, then the CPU) for a single process or without a device
+    map. With several processes each may fill only its own block of GPUs (`distill.ranks.
+    gpus_for_local_rank`) and its share of the host memory, so two processes never share a GPU.
+    """
+    if device_map is None or local_world <= 1:
+        return None
+    import torch
+    from accelerate.utils import get_max_memory
+
+    from distill.ranks import gpus_for_local_rank
+
+    budget = get_max_memory()
+    mine = gpus_for_local_rank(local_rank, local_world, torch.cuda.device_count())
+    memory: dict = {i: budget[i] for i in mine if i in budget}
+    if "cpu" in budget:
+        memory["cpu"] = int(budget["cpu"] // local_world)
+    return memory

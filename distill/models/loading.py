@@ -64,12 +64,15 @@ def load_config(ref, *, what: str = "model", accept=("dir", "hub"), trust_remote
 
 def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = "none", device=None, dtype=None,
                trust_remote_code: bool = False, revision: str | None = None, device_map=None,
-               adapter: str | Path | None = None, trainable: bool = False, task: str = "causal-lm"):
+               max_memory: dict | None = None, adapter: str | Path | None = None, trainable: bool = False,
+               task: str = "causal-lm"):
     """Load `ref` (a reference or a resolved ModelSource) in eval mode and return the model.
 
     quant: none | nf4 | int8. device: None (the default device), "cpu", "cuda", a torch.device.
     dtype: None (the device's compute dtype), "bf16" | "fp16" | "fp32", "auto" (the checkpoint's) or a
-    torch.dtype. device_map: overrides the single-device placement (e.g. "auto" across GPUs).
+    torch.dtype. device_map: overrides the single-device placement: "auto" spreads the layers over the
+    GPUs, then the CPU, with accelerate's big-model loading (a teacher larger than one GPU);
+    max_memory ({gpu index or "cpu": bytes}) caps what it may use where.
     adapter: a LoRA adapter directory applied on top (an "adapter" source brings its own); trainable
     keeps its weights trainable. task: "causal-lm" or "sequence-classification" (reward models).
     """
@@ -83,9 +86,12 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
     if src.kind == "adapter":
         base = resolve_source(src.base, what=f"{what} base model", accept=("dir", "hub"))
         adapter = src.path
-    qcfg = bnb_config(quant, compute_dtype(dev) if torch_dtype == "auto" else torch_dtype)
+    qcfg = bnb_config(quant, compute_dtype(dev) if torch_dtype == "auto" else torch_dtype,
+                      cpu_offload=device_map is not None)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                     "device_map": device_map if device_map is not None else {"": dev}}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     if revision is not None and base is src:
         kwargs["revision"] = revision
     if base.gguf_file:

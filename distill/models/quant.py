@@ -19,8 +19,11 @@ def check_quant(quant: str, *, flag: str = "--quant") -> str:
     return quant
 
 
-def bnb_config(quant: str, compute_dtype):
-    """The transformers BitsAndBytesConfig for `quant`, or None for "none"."""
+def bnb_config(quant: str, compute_dtype, *, cpu_offload: bool = False):
+    """The transformers BitsAndBytesConfig for `quant`, or None for "none".
+
+    `cpu_offload`: a device map may put the layers that do not fit the GPUs on the CPU; bitsandbytes
+    then keeps those unquantized (fp32) instead of refusing the map."""
     check_quant(quant)
     if quant == "none":
         return None
@@ -32,5 +35,6 @@ def bnb_config(quant: str, compute_dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_enable_fp32_cpu_offload=cpu_offload,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)

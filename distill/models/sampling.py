@@ -206,20 +206,24 @@ def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[in
 def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 0.0,
                        top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0, batch_size: int = 8,
                        stats: GenerationStats | None = None,
-                       on_batch: Callable[[int, int], None] | None = None) -> list[list[Completion]]:
+                       on_batch: Callable[[int, int], None] | None = None,
+                       take: Callable[[list], list] | None = None) -> list[list[Completion]]:
     """Sample `num_samples` completions for each prompt text (already chat-templated).
 
     `temperature=0` is greedy. Returns one list per prompt, in sample order. Each (prompt, sample)
     row draws from its own seeded generator, so results do not depend on `batch_size` beyond float
     rounding of padded batches. `stats` (if given) accumulates tokens and seconds; `on_batch(rows,
-    new_tokens)` is called after every batch (progress bars).
+    new_tokens)` is called after every batch (progress bars). `take` picks this process's share of the
+    batches (`distill.ranks.Ranks.take`); the rows of the other batches are left None, for the caller to
+    gather. The batches are those of a one-process run, so together the processes get its results.
     """
     check_settings(num_samples=num_samples, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     results: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    for start in range(0, len(rows), batch_size):
+    starts = list(range(0, len(rows), batch_size))
+    for start in (take(starts) if take is not None else starts):
         chunk = rows[start:start + batch_size]
         t0 = time.perf_counter()
         comps = generate_rows(model, tokenizer, [encoded[p] for p, _ in chunk],

@@ -41,6 +41,8 @@ def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
 
     ctx = run_stages(config, STAGES, echo=echo)
     summary = {"run_dir": str(ctx.dir), "stages": ctx.outputs}
+    if not ctx.ranks.is_main:  # the main process writes and prints the summary
+        return summary
     atomic_write_json(ctx.dir / "summary.json", summary, default=str)
     echo("")
     echo(stage_table(ctx.outputs))
@@ -88,6 +90,7 @@ def register(app: typer.Typer) -> None:
         """Run every stage of CONFIG: teacher, generate, filter, cache, student, train, export, bench.
 
         Finished stages are skipped, interrupted ones resume: rerun the same command after a crash.
+        On several processes: `accelerate launch --num_processes N $(which distill) run CONFIG` (docs/scale-out.md).
         """
         cfg = load_config(config)
         if out is not None:

@@ -27,7 +27,7 @@ from distill.options import blank, option, section_values, settings_from_table
 from students.export import GGUF_TYPES, ExportConfig
 from students.init_student import StudentInitConfig
 from students.train import TrainConfig
-from teachers.cache_settings import CacheBuildConfig
+from teachers.cache_settings import DEVICE_MAP_CHOICES, CacheBuildConfig
 from teachers.filter import FilterConfig
 from teachers.generate import GenerateConfig
 
@@ -56,6 +56,8 @@ class TeacherSection:
     quant: str = option("none", "Load the teacher quantized while caching (a teacher larger than the GPU).",
                         choices=QUANT_CHOICES)
     backend: str = option("hf", "Teacher backend that generates and scores (hf: Hugging Face transformers).")
+    device_map: str | None = option(None, "auto: spread a teacher too big for one GPU over this machine's GPUs, then "
+                                          "the CPU, while generating and caching.", choices=DEVICE_MAP_CHOICES)
 
 
 @dataclass
@@ -110,14 +112,15 @@ SECTIONS: dict[str, Section] = {
     "generate": Section(GenerateConfig, GenerateConfig, wired={
         "teacher": "the teacher stage's model", "data": "from [data] source (and path)", "out": "run.dir/traces.jsonl",
         "limit": "[data] limit", "seed": "[run] seed", "fields": "[data] fields", "split": "[data] split",
-        "trust_remote_code": _TEACHER, "backend": _TEACHER, "progress": "always shown",
-        "device": "the default device (cuda when available)"}),
+        "trust_remote_code": _TEACHER, "backend": _TEACHER, "quant": _TEACHER, "device_map": _TEACHER,
+        "progress": "always shown", "device": "the default device (cuda when available)"}),
     "filter": Section(FilterConfig, FilterConfig, wired={"traces": "run.dir/traces.jsonl", "out": "run.dir/kept.jsonl"}),
     "cache": Section(CacheBuildConfig, CacheBuildConfig, wired={
         "teacher": "the teacher stage's model", "data": "the kept traces (chat records)", "out": "run.dir/cache",
         "fields": "kept traces need no mapping", "split": "kept traces have no splits",
         "data_config": "kept traces have no hub config", "limit": "every kept trace is cached",
         "as_chat": "kept traces are chat records already", "trust_remote_code": _TEACHER, "quant": _TEACHER,
+        "device_map": _TEACHER,
         "backend": _TEACHER, "revision": "the teacher is used as [teacher] model names it",
         "device": "the default device (cuda when available)", "progress": "always shown"}),
     "student": Section(StudentSection, StudentInitConfig, wired={

@@ -6,6 +6,12 @@ time. On a rerun a stage whose marker matches is skipped; a stage without a mark
 the stages themselves resume (trace generation, cache build and training each pick up where a killed
 run stopped). A marker whose hash differs means the config changed under a finished output: that is
 refused in one line rather than silently mixing two configurations in one run folder.
+
+Under `accelerate launch --num_processes N ... distill run CONFIG` every process walks the same stages.
+A `parallel` stage (trace generation, cache builds, training, benchmark) runs on every process, which
+share its work; any other stage runs on the main process while the others wait. Only the main process
+decides what is skipped and writes the run folder's own files (config.json, the stage markers), so
+the processes never disagree about where they are.
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import typer
 from distill.pipeline.config import RunConfig
 from distill.errors import DistillError
 from distill.io import atomic_write_json
+from distill.ranks import Ranks, current_ranks
 
 
 @dataclass
 class RunContext:
-    """What the stages share: the config, the run folder and each finished stage's outputs."""
+    """What the stages share: the config, the run folder, each finished stage's outputs, the processes."""
 
     config: RunConfig
     dir: Path
     outputs: dict[str, dict] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
@@ -41,33 +49,53 @@ class Stage:
     sections: tuple[str, ...]  # config sections (with upstream ones) that determine the output
     run: Callable[[RunContext], dict]  # does the work, returns a JSON-able summary of outputs
     enabled: Callable[[RunConfig], bool] = lambda config: True
+    parallel: bool = False  # runs on every process (which share its work), else on the main one only
 
 
-def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo) -> RunContext:
+def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo, ranks: Ranks | None = None) -> RunContext:
     """Run `stages` in order under `config.run.dir`; returns the context with every stage's outputs."""
-    ctx = RunContext(config=config, dir=Path(config.run.dir))
-    ctx.dir.mkdir(parents=True, exist_ok=True)
-    (ctx.dir / "stages").mkdir(exist_ok=True)
-    atomic_write_json(ctx.dir / "config.json", config.to_dict(), sort_keys=True)
+    ranks = ranks or current_ranks()
+    ctx = RunContext(config=config, dir=Path(config.run.dir), ranks=ranks)
+    if not ranks.is_main:
+        echo = lambda *_args, **_kw: None  # noqa: E731 - one process speaks
+
+    def open_run() -> None:
+        ctx.dir.mkdir(parents=True, exist_ok=True)
+        (ctx.dir / "stages").mkdir(exist_ok=True)
+        atomic_write_json(ctx.dir / "config.json", config.to_dict(), sort_keys=True)
+
+    ranks.on_main(open_run)
     active = [s for s in stages if s.enabled(config)]
     for number, stage in enumerate(active, 1):
         marker = ctx.dir / "stages" / f"{stage.name}.json"
         digest = config.section_hash(*stage.sections)
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done.get("hash") != digest:
-                raise DistillError(
-                    f"stage '{stage.name}' in {ctx.dir} was finished with other settings "
-                    f"(sections {', '.join(stage.sections)} changed); use a new run.dir or delete {marker}"
-                )
+        done = ranks.on_main(lambda: _finished(marker, digest, stage, ctx.dir))
+        if done is not None:
             ctx.outputs[stage.name] = done["outputs"] | {"wall_s": done["wall_s"], "skipped": True}
             echo(f"[{number}/{len(active)}] {stage.name}: complete, skipped")
             continue
         echo(f"[{number}/{len(active)}] {stage.name} ...")
         start = time.perf_counter()
-        outputs = stage.run(ctx)
+        if stage.parallel:
+            outputs = ranks.broadcast(stage.run(ctx))
+        else:
+            outputs = ranks.on_main(lambda: stage.run(ctx))
         wall = round(time.perf_counter() - start, 2)
-        atomic_write_json(marker, {"hash": digest, "wall_s": wall, "outputs": outputs}, sort_keys=True)
+        ranks.on_main(lambda: atomic_write_json(marker, {"hash": digest, "wall_s": wall, "outputs": outputs},
+                                                sort_keys=True))
         ctx.outputs[stage.name] = outputs | {"wall_s": wall, "skipped": False}
         echo(f"[{number}/{len(active)}] {stage.name}: done in {wall:.1f}s")
     return ctx
+
+
+def _finished(marker: Path, digest: str, stage: Stage, run_dir: Path) -> dict | None:
+    """The marker of a stage finished with these settings, None when it must run; refuses other settings."""
+    if not marker.exists():
+        return None
+    done = json.loads(marker.read_text())
+    if done.get("hash") != digest:
+        raise DistillError(
+            f"stage '{stage.name}' in {run_dir} was finished with other settings "
+            f"(sections {', '.join(stage.sections)} changed); use a new run.dir or delete {marker}"
+        )
+    return done

@@ -12,7 +12,8 @@
     bench     student vs teacher: accuracy, agreement, cost                       distill/bench/runner.py
 
 Each stage lists the config sections its output depends on, upstream ones included, so that the
-runner reuses an output only while everything that made it is unchanged.
+runner reuses an output only while everything that made it is unchanged. Under `accelerate launch` the
+parallel stages (generate, cache, heldout, train, bench) run on every process; the others on the main one.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def stage_generate(ctx: RunContext) -> dict:
     settings = replace(cfg.generate, teacher=teacher_dir(ctx), data=problem_source(cfg, split=cfg.data.split),
                        out=ctx.path("traces.jsonl"), limit=cfg.data.limit or None, seed=cfg.run.seed,
                        fields=cfg.data.fields, split=cfg.data.split, trust_remote_code=cfg.teacher.trust_remote_code,
-                       backend=cfg.teacher.backend, progress=True, device=None)
+                       backend=cfg.teacher.backend, quant=cfg.teacher.quant, device_map=cfg.teacher.device_map,
+                       progress=True, device=None)
     return generate_traces(**vars(settings)) | {"traces": str(ctx.path("traces.jsonl"))}
 
 
@@ -101,7 +103,8 @@ def cache_settings(ctx: RunContext, data: Path, out: Path) -> dict:
     cfg = ctx.config
     settings = replace(cfg.cache, teacher=teacher_dir(ctx), data=str(data), out=out, fields=None, split=None,
                        data_config=None, limit=None, as_chat=False, trust_remote_code=cfg.teacher.trust_remote_code,
-                       quant=cfg.teacher.quant, backend=cfg.teacher.backend, revision=None, device=None, progress=True)
+                       quant=cfg.teacher.quant, device_map=cfg.teacher.device_map, backend=cfg.teacher.backend,
+                       revision=None, device=None, progress=True)
     return vars(settings)
 
 
@@ -140,7 +143,7 @@ def heldout_records(config: RunConfig) -> list[dict]:
 def stage_heldout(ctx: RunContext) -> dict:
     from teachers.cache_build import build_cache
 
-    records_path = atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(ctx.config))
+    records_path = ctx.ranks.on_main(lambda: atomic_write_jsonl(ctx.path("heldout.jsonl"), heldout_records(ctx.config)))
     manifest = build_cache(**cache_settings(ctx, records_path, ctx.path("heldout-cache")))
     return {"cache": str(ctx.path("heldout-cache")), "sequences": manifest.num_samples}
 
@@ -198,7 +201,7 @@ def stage_bench(ctx: RunContext) -> dict:
 
     cfg = ctx.config
     settings = vars(replace(
-        cfg.bench, task=bench_task(cfg), out=_fresh(ctx.path("bench")), held_out_cache=ctx.path("heldout-cache"),
+        cfg.bench, task=bench_task(cfg), out=ctx.ranks.on_main(lambda: _fresh(ctx.path("bench"))), held_out_cache=ctx.path("heldout-cache"),
         seed=cfg.run.seed, system_prompt=cfg.generate.system_prompt, trust_remote_code=cfg.teacher.trust_remote_code,
         fields=cfg.bench.fields if cfg.bench.task else cfg.data.fields, progress=True)).copy()
     settings.pop("enabled"), settings.pop("models")
@@ -210,15 +213,16 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+# parallel=True: every process of `accelerate launch` runs the stage and takes a share of its work.
 STAGES = [
     Stage("teacher", UPSTREAM_TEACHER, stage_teacher),
-    Stage("generate", UPSTREAM_TRACES, stage_generate),
+    Stage("generate", UPSTREAM_TRACES, stage_generate, parallel=True),
     Stage("filter", UPSTREAM_TRACES + ("filter",), stage_filter),
-    Stage("cache", UPSTREAM_CACHE, stage_cache),
-    Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout),  # uses the system prompt too
+    Stage("cache", UPSTREAM_CACHE, stage_cache, parallel=True),
+    Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout, parallel=True),  # uses the system prompt too
     Stage("student", UPSTREAM_STUDENT, stage_student),
-    Stage("train", UPSTREAM_TRAIN, stage_train),
+    Stage("train", UPSTREAM_TRAIN, stage_train, parallel=True),
     Stage("export", UPSTREAM_TRAIN + ("export",), stage_export),
     Stage("gguf", UPSTREAM_TRAIN + ("gguf",), stage_gguf, enabled=lambda c: bool(c.gguf.type)),
-    Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled),
+    Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled, parallel=True),
 ]

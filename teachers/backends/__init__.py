@@ -21,7 +21,9 @@ build section). The tokenizer is ready when the backend is constructed; the weig
 or the first use, so input mistakes are caught before a large model loads.
 
 A backend is constructed as Backend(teacher, *, device=None, quant="none", dtype=None,
-trust_remote_code=False, revision=None) and raises DistillError for anything it does not support.
+trust_remote_code=False, revision=None, device_map=None, max_memory=None) and raises DistillError for
+anything it does not support. `device_map` ("auto", ...) asks for a teacher spread over several devices
+(`max_memory` caps each one); a backend that cannot do that refuses it.
 
 Adding a backend: write `teachers/backends/NAME.py` with a class that has the operations and
 properties above and a `name` attribute, and add one line `"NAME": NameBackend` to BACKENDS below.

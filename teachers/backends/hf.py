@@ -1,7 +1,8 @@
 """The Hugging Face backend: the teacher as a transformers causal LM loaded through `distill.models`.
 
 Sources: a model directory, a hub id or a .gguf file (de-quantized by transformers), optionally
-quantized to NF4 / int8 at load. `generate` is `distill.models.sampling.generate_rows`; `score` runs the
+quantized to NF4 / int8 at load, on one device or (`device_map="auto"`) spread by accelerate's
+big-model loading over the machine's GPUs and, past their memory, the CPU. `generate` is `distill.models.sampling.generate_rows`; `score` runs the
 decoder body once per batch and applies the model's own output head to the requested rows only
 (`RowScorer`), falling back to full logits for a model whose forward the head does not reproduce.
 """
@@ -89,14 +90,15 @@ class RowScorer:
         t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions]).to(self.device)
         if not self.fast:
             logits = teacher_forward(self.model, seqs, self.pad_id, self.device)
-            rows = logits[b_idx, t_idx]
+            rows = logits[b_idx.to(logits.device), t_idx.to(logits.device)]
             del logits
             return topk_logprobs(rows, vocab, k, temperature)
         from distill.models.head import model_hidden_and_head
 
         ids, att = _pad(seqs, self.pad_id, self.device)
         hidden, head = model_hidden_and_head(self.model, ids, att)
-        rows = hidden[b_idx, t_idx]
+        # with --device-map the last layer may sit on another GPU than the first one (self.device)
+        rows = hidden[b_idx.to(hidden.device), t_idx.to(hidden.device)]
         del hidden
         R = rows.shape[0]
         out_ids = torch.empty((R, k), dtype=torch.int64, device=rows.device)
@@ -122,13 +124,15 @@ class HFBackend:
     accept = ("dir", "gguf", "hub")
 
     def __init__(self, teacher: str, *, device=None, quant: str = "none", dtype: str | None = None,
-                 trust_remote_code: bool = False, revision: str | None = None):
+                 trust_remote_code: bool = False, revision: str | None = None, device_map=None,
+                 max_memory: dict | None = None):
         from distill.models import check_quant, load_tokenizer, parse_dtype, resolve_device, resolve_source
 
-        check_quant(quant, flag="--quant")
+        check_quant(quant, flag="--teacher-quant")
         self.device = resolve_device(device)
         parse_dtype(dtype, device=self.device, flag="--teacher-dtype")  # a bad name fails before any load
         self.quant, self.dtype, self.revision, self.trust_remote_code = quant, dtype, revision, trust_remote_code
+        self.device_map, self.max_memory = device_map, max_memory
         self.source = resolve_source(teacher, what="teacher", accept=self.accept)
         self._tokenizer = load_tokenizer(self.source, what="teacher", trust_remote_code=trust_remote_code,
                                          revision=revision, require_pad=True)
@@ -175,7 +179,8 @@ class HFBackend:
         from distill.models import load_model, model_identity
 
         model = load_model(self.source, what="teacher", quant=self.quant, device=self.device, dtype=self.dtype,
-                           trust_remote_code=self.trust_remote_code, revision=self.revision)
+                           trust_remote_code=self.trust_remote_code, revision=self.revision,
+                           device_map=self.device_map, max_memory=self.max_memory)
         self._model = model
         self._identity = model_identity(model, self.source, quant=self.quant, revision=self.revision) | {"backend": self.name}
         probe = self._tokenizer(_HEAD_PROBE_TEXT, add_special_tokens=False)["input_ids"]
