@@ -19,8 +19,12 @@ def check_quant(quant: str, *, flag: str = "--quant") -> str:
     return quant
 
 
-def bnb_config(quant: str, compute_dtype):
-    """The transformers BitsAndBytesConfig for `quant`, or None for "none"."""
+def bnb_config(quant: str, compute_dtype, quant_storage=None):
+    """The transformers BitsAndBytesConfig for `quant`, or None for "none".
+
+    `quant_storage`: the dtype NF4 weights are packed into (default uint8). FSDP and DeepSpeed ZeRO-3
+    shard only float tensors, all of one dtype per unit: a student sharded by them stores its NF4
+    weights in its compute dtype (the FSDP-QLoRA recipe)."""
     check_quant(quant)
     if quant == "none":
         return None
@@ -32,5 +36,6 @@ def bnb_config(quant: str, compute_dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
