@@ -66,8 +66,9 @@ def batch_share(batches: Sequence[Sequence[int]], rank: int, world: int) -> list
 # ---- the student and its loss as one module -------------------------------------------------------
 
 # Attributes accelerate reads from the model it prepares: a quantized model must not be moved with
-# .to(), FSDP's transformer wrap policy reads the decoder layer classes from _no_split_modules.
-_PASSED_THROUGH = ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map", "_no_split_modules")
+# .to(), FSDP's transformer wrap policy reads the decoder layer classes from _no_split_modules,
+# DeepSpeed sizes its buckets from config.hidden_size.
+_PASSED_THROUGH = ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map", "_no_split_modules", "config")
 
 
 class StudentLoss(torch.nn.Module):

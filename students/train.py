@@ -11,6 +11,12 @@ generator, and micro-batches are formed from it deterministically, so a data pos
 states (`students/checkpoint.py`), and `--resume` replays the same per-step losses as a run that was
 never interrupted (tested with a real SIGKILL).
 
+Processes: under `accelerate launch` every process runs `train`. The flags describe the GLOBAL batch of
+a step; `students/distributed.py` divides each step's micro-batches (or their rows) among the
+processes, the normaliser and every logged figure are summed over them, and the main process alone
+writes the run directory. `train` reads top to bottom: `prepare` (checks, data, run directory,
+student, optimizer, resume), `train_loop` (the steps), `finish` (final evaluation, summary, adapters).
+
 The run directory:
     run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss) and
                        the head check (chunked head or full logits, `distill.models.head.check_head`)
@@ -625,6 +631,7 @@ def finish(run: Run, progress: Progress) -> dict:
         "eval_tokens": last_eval["eval_tokens"] if last_eval else 0,
         "train_seconds_this_session": progress.seconds, "tokens_this_session": progress.tokens,
         "parameters": count_parameters(run.student), "run_dir": str(run.out), "final_dir": str(run.out / "final"),
+        "peak_gpu_memory_gib": _peak_gpu_memory_gib(accelerator.device),
     }
     state_dict = dist.full_state_dict(accelerator, run.model)  # gathered from the shards under FSDP/DeepSpeed
     if accelerator.is_main_process:
@@ -833,6 +840,15 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _peak_gpu_memory_gib(device) -> float | None:
+    """Peak memory torch allocated on this process's GPU (None on the CPU): what training needed."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def _manifest_hash(cache: str | Path) -> str:
