@@ -5,9 +5,14 @@ A checkpoint directory `checkpoints/step-XXXXXX/` holds
   optimizer.safetensors + optimizer.json            optimizer state tensors / param groups and scalars
   scheduler.json                                    LR scheduler state
   rng.safetensors + rng.json                        torch (and CUDA), numpy and python RNG states
+  rng-rank1.safetensors + rng-rank1.json, ...       the same for every other process of a multi-process run
   trainer_state.json                                step, data position (epoch, micro-batch), seed
 It is built under a temporary name and renamed into place, so a run killed while saving leaves the
 previous checkpoint intact and no half-written one that `--resume` could pick up.
+
+Under N processes (`accelerate launch`) one process writes the checkpoint, with the RNG state of every
+process (each draws its own dropout masks), and every process reads it back: its own RNG file, or,
+when the run resumes under more processes than wrote it, keeps the seed it started from.
 
 `torch.save` would be simpler but unpickles arbitrary code on load; a checkpoint is something users
 share and download, so we keep it to data formats.
@@ -131,8 +136,17 @@ def set_rng_state(state: dict) -> None:
 
 # ---- checkpoint directories -------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-XXXXXX atomically; keep the newest `keep` checkpoints (0 = all)."""
+def rng_file(rank: int) -> str:
+    """The name of process `rank`'s RNG state in a checkpoint ("rng" for the first, as in one-process runs)."""
+    return "rng" if rank == 0 else f"rng-rank{rank}"
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict, keep: int = 2,
+                    rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoints/step-XXXXXX atomically; keep the newest `keep` checkpoints (0 = all).
+
+    `rng_states`: the RNG state of every process, rank order (None: this process's, one-process runs).
+    """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
@@ -145,7 +159,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, tr
         save_state(tmp, "optimizer", optimizer.state_dict())
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         save_state(tmp, "scheduler", sched)
-        save_state(tmp, "rng", rng_state())
+        for rank, state in enumerate(rng_states if rng_states is not None else [rng_state()]):
+            save_state(tmp, rng_file(rank), state)
         _write_json(tmp / STATE_FILE, dict(trainer_state, step=step))
         _fsync_tree(tmp)
         if final.exists():
@@ -183,8 +198,8 @@ def clean_partial(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore adapters, optimizer, scheduler and RNG from `ckpt`; return its trainer state."""
+def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore adapters, optimizer, scheduler and process `rank`'s RNG from `ckpt`; return its trainer state."""
     from students.model import load_adapter_weights
 
     ckpt = Path(ckpt)
@@ -197,7 +212,8 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
         if "lr_lambdas" in cur:
             sched_state["lr_lambdas"] = cur["lr_lambdas"]
         scheduler.load_state_dict(sched_state)
-        set_rng_state(load_state(ckpt, "rng"))
+        if (ckpt / f"{rng_file(rank)}.json").is_file():
+            set_rng_state(load_state(ckpt, rng_file(rank)))
         return json.loads((ckpt / STATE_FILE).read_text())
     except DistillError:
         raise

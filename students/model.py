@@ -87,11 +87,15 @@ def lora_config(settings: LoraSettings):
     )
 
 
-def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | None = None, trainable: bool = True):
+def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | None = None, trainable: bool = True,
+                 quant_storage=None):
     """Base model + LoRA adapters, ready to train. Returns (model, tokenizer).
 
     `adapter_dir` loads saved adapter weights (resume, evaluation) into the freshly built adapters;
     LoRA settings must match the ones the adapters were trained with (run.json records them).
+    `quant_storage` (a float dtype): a student that FSDP / DeepSpeed will shard. Its NF4 weights are
+    stored in that dtype and its norms and embeddings are kept in it too, not upcast to fp32 as k-bit
+    preparation does: those engines need one float dtype per sharded unit.
     """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -103,11 +107,11 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
         raise DistillError(f"--lora-r must be at least 1, got {spec.lora.r}")
     tokenizer = load_tokenizer(spec.path, what="student", trust_remote_code=spec.trust_remote_code)
     model = load_model(spec.path, what="student", quant=spec.quant, device=device,
-                       trust_remote_code=spec.trust_remote_code)
+                       trust_remote_code=spec.trust_remote_code, quant_storage=quant_storage)
     model.config.use_cache = False
     _disable_cpu_inference_packing(model)
     gc_kwargs = {"use_reentrant": False}
-    if spec.quant != "none":
+    if spec.quant != "none" and quant_storage is None:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=spec.gradient_checkpointing and trainable,

@@ -11,6 +11,12 @@ generator, and micro-batches are formed from it deterministically, so a data pos
 states (`students/checkpoint.py`), and `--resume` replays the same per-step losses as a run that was
 never interrupted (tested with a real SIGKILL).
 
+Processes: under `accelerate launch` every process runs `train`. The flags describe the GLOBAL batch of
+a step; `students/distributed.py` divides each step's micro-batches (or their rows) among the
+processes, the normaliser and every logged figure are summed over them, and the main process alone
+writes the run directory. `train` reads top to bottom: `prepare` (checks, data, run directory,
+student, optimizer, resume), `train_loop` (the steps), `finish` (final evaluation, summary, adapters).
+
 The run directory:
     run.json           the resolved config (student, quant, LoRA, cache + manifest fingerprint, loss) and
                        the head check (chunked head or full logits, `distill.models.head.check_head`)
@@ -250,15 +256,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 # ---- cache + student checks ---------------------------------------------------------------------
 
-def open_cache(path: str | Path, tokenizer, *, k: int | None = None):
-    """Open and verify the cache for this student: refuse missing, corrupt, or other-tokenizer caches."""
+def open_cache(path: str | Path, tokenizer, *, k: int | None = None, verify: bool = True):
+    """Open and verify the cache for this student: refuse missing, corrupt, or other-tokenizer caches.
+
+    `verify=False` skips the checksums (the other processes of a multi-process run: one reads them all)."""
     from distill.cache.format import read_manifest, tokenizer_fingerprint
 
     path = Path(path)
     if not path.exists():
         raise DistillError(f"cache {path} does not exist; build it with `distill cache build`")
     manifest = read_manifest(path)
-    _verify(path)
+    if verify:
+        _verify(path)
     fp = tokenizer_fingerprint(tokenizer)
     if fp != manifest.tokenizer_fingerprint:
         raise DistillError(
@@ -401,55 +410,252 @@ def make_optimizer(params, cfg: TrainConfig, device):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), kind
 
 
-# ---- the loop -----------------------------------------------------------------------------------
+# ---- the run: prepare, loop, finish ------------------------------------------------------------
+
+@dataclass
+class Data:
+    """The training data: samples, the held-out split, and what the loss needs to know of the cache."""
+
+    dataset: object
+    train_idx: list[int]
+    eval_idx: list[int]
+    pad_id: int
+    manifest: object | None
+    cache_temperature: float
+    vocab_size: int
+
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, and the next micro-batch (epoch, index in that epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+
+
+@dataclass
+class Run:
+    """What `prepare` sets up for the loop and `finish` (in each process of a multi-process run)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: object
+    model: object  # the student and its loss (students.distributed.StudentLoss) as the engine wrapped it
+    student: object  # the peft model inside: its adapters are what a checkpoint saves
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    opt_kind: str
+    data: Data
+    plan: DataPlan
+    loss_cfg: object
+    eval_cfg: object
+    head_check: object
+    null_batch: dict  # a batch with no trained token: the stand-in for a micro-batch a process has no rows of
+    total_steps: int
+    log: MetricsLog
+    position: Position = field(default_factory=Position)
+    finished: dict | None = None  # the summary of a run that --resume found already finished
+    batch_plan: dict | None = None  # what --batch-tokens auto chose (students/auto_batch.py)
+
+
+@dataclass
+class Progress:
+    """What the loop hands `finish`: the last evaluation, tokens trained on and seconds spent this session."""
+
+    last_eval: dict | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
 
 def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None, dataset=None) -> dict:
     """Train a student on the cache as `cfg` says; return the run summary (also in final/summary.json).
 
     `on_step_end(step)` is called after each optimizer step (and its checkpoint); tests use it to kill
     the process mid-run. `dataset` replaces the cache reader (tests with hand-made samples); the cache
-    checks still run unless `cfg.cache` is empty.
+    checks still run unless `cfg.cache` is empty. Under `accelerate launch` every process runs this.
     """
-    import numpy as np
+    run = prepare(cfg, dataset=dataset)
+    if run.finished is not None:
+        return run.finished
+    progress = train_loop(run, on_step_end=on_step_end)
+    return finish(run, progress)
+
+
+def prepare(cfg: TrainConfig, *, dataset=None) -> Run:
+    """Check the config, open the data, create or resume the run directory, build student and optimizer.
+
+    Cheap checks first (tokenizer, cache, run dir), the model load last: a bad input fails in seconds.
+    """
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from distill.losses import combine_loss
-    from students import checkpoint as ckpt_mod
-    from distill.evaluate import evaluate_on_cache
+    from distill.losses import KDLossConfig
     from distill.models import load_tokenizer
-    from students.model import LoraSettings, StudentSpec, count_parameters, load_student
+    from students import distributed as dist
+    from students.model import LoraSettings, StudentSpec, load_student
 
     _validate(cfg)
+    dist.die_with_launcher()
     out = Path(cfg.out)
     spec = StudentSpec(path=str(cfg.student), quant=cfg.quant,
                        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets),
                        gradient_checkpointing=cfg.gradient_checkpointing, trust_remote_code=cfg.trust_remote_code)
-
-    # Cheap checks first (tokenizer, cache, run dir), the model load last: a bad input fails in seconds.
+    # This process's place among those `accelerate launch` started (one process: the only one).
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    if dist.shards_weights(accelerator) and cfg.save_every:
+        raise DistillError(f"checkpoints of a student sharded by {dist.engine_name(accelerator).upper()} are not supported yet; "
+                           "pass --save-every 0 (the final adapters are saved)")
     tokenizer = load_tokenizer(spec.path, what="student", trust_remote_code=spec.trust_remote_code)
+    data = _open_data(cfg, tokenizer, dataset, verify=accelerator.is_main_process)
+    from distill.cache.codecs import codec_for_manifest
+
+    # refuses a temperature (or loss) the cache's codec cannot serve, before the model loads
+    loss_cfg = loss_config(cfg, data.vocab_size, data.cache_temperature,
+                           codec_for_manifest(data.manifest) if data.manifest else None)
+    # Held-out figures: forward KL at the cache temperature against the teacher as stored.
+    eval_cfg = KDLossConfig(kind="forward-kl", temperature=data.cache_temperature, cache_temperature=data.cache_temperature,
+                            vocab_size=data.vocab_size, chunk_size=cfg.loss_chunk_size)
+    lengths = sample_lengths(data.dataset)
+    batch_plan = None
+    if cfg.batch_tokens == "auto":  # the largest batch the memory planner fits (students/auto_batch.py)
+        from students.auto_batch import resolve_auto_batch
+
+        k = data.manifest.k if data.manifest else int(data.dataset[0]["target_ids"].shape[-1])
+        batch_plan = resolve_auto_batch(cfg, out, [lengths[i] for i in data.train_idx], top_k=k, device=accelerator.device)
+        if cfg.progress and accelerator.is_main_process:
+            print(batch_plan["message"], file=sys.stderr, flush=True)
+    plan = DataPlan(data.train_idx, lengths, dataclasses.replace(cfg, batch_tokens=batch_plan["batch_tokens"]) if batch_plan else cfg)
+    per_epoch = math.ceil(plan.batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * plan.batches_per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+    run_record = _run_record(cfg, spec, data, loss_cfg, {
+        "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
+        "train_samples": len(data.train_idx), "eval_samples": len(data.eval_idx)})
+    if batch_plan is not None:
+        run_record["batch_plan"] = batch_plan
+    resuming = dist.on_main(accelerator, lambda: _prepare_run_dir(out, run_record, cfg.resume))
+
+    set_seed(cfg.seed)  # the same LoRA initialisation in every process
+    model, tokenizer = load_student(spec, device=accelerator.device, quant_storage=dist.quant_storage_for(accelerator, cfg.quant))
+    if accelerator.process_index > 0:
+        set_seed(cfg.seed, device_specific=True)  # but each its own dropout masks (the first as in a one-process run)
+    # Before the first step: train through the chunked head only if it reproduces the model's logits.
+    head_check = check_student_head(model, data.dataset[data.train_idx[0]], accelerator)
+    if accelerator.is_main_process:
+        print(head_check.message(), file=sys.stderr, flush=True)
+        atomic_write_json(out / RUN_FILE, {**json.loads((out / RUN_FILE).read_text()), "head": head_check.to_dict()},
+                          indent=1, sort_keys=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, opt_kind = make_optimizer(params, cfg, accelerator.device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    dist.prepare_sharding(accelerator, model)
+    wrapped, optimizer = accelerator.prepare(dist.StudentLoss(model, full_logits=head_check.full_logits), optimizer)
+    from distill.cache.reader import collate
+
+    null_batch = collate([truncate_sample(data.dataset[data.train_idx[0]], 2)], data.pad_id)
+    null_batch["targets"].fill_(-100)
+    run = Run(cfg=cfg, out=out, accelerator=accelerator, model=wrapped, student=model, tokenizer=tokenizer,
+              optimizer=optimizer, scheduler=scheduler, opt_kind=opt_kind, data=data, plan=plan, loss_cfg=loss_cfg,
+              eval_cfg=eval_cfg, head_check=head_check, null_batch=null_batch, total_steps=total_steps,
+              log=MetricsLog(out / METRICS_FILE), batch_plan=batch_plan)
+    if resuming:
+        _resume(run)
+    return run
+
+
+def train_loop(run: Run, *, on_step_end: Callable[[int], None] | None = None) -> Progress:
+    """The optimizer steps, from the run's position to the last one.
+
+    Each step: take the step's global micro-batches, forward/backward this process's share of them,
+    step the optimizer, log the figures of the whole step (all processes), evaluate, checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, pos = run.cfg, run.accelerator, run.position
+    progress = Progress()
+    stream = run.plan.stream(pos.epoch, pos.batch_index)
+    bar = tqdm(total=run.total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))
+    if pos.step == 0 and cfg.eval_every:
+        evaluate(run, 0)  # the untrained student's held-out KL: the baseline the final figure is read against
+    t_start = time.perf_counter()
+    run.model.train()
+    while pos.step < run.total_steps:
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            pos.epoch, index, batch_ids = next(stream)
+            micro.append(batch_ids)
+        pos.batch_index = index + 1
+        batches = _my_batches(run, micro)
+        sums, n_valid = _forward_backward(run, batches)
+        grad_norm = _optimizer_step(run)
+        pos.step += 1
+        rec = _train_record(run, sums, n_valid, batches, grad_norm, t0)
+        progress.tokens += rec["tokens"]
+        if accelerator.is_main_process and cfg.log_every and (pos.step % cfg.log_every == 0 or pos.step == run.total_steps):
+            run.log.write(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < run.total_steps:
+            progress.last_eval = evaluate(run, pos.step)
+        if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < run.total_steps:
+            _save_checkpoint(run)
+        if on_step_end is not None:
+            on_step_end(pos.step)
+    bar.close()
+    progress.seconds = time.perf_counter() - t_start
+    return progress
+
+
+def finish(run: Run, progress: Progress) -> dict:
+    """The final held-out evaluation, the summary, and the adapters in final/ (written once)."""
+    from students import distributed as dist
+    from students.model import count_parameters
+
+    accelerator, pos = run.accelerator, run.position
+    last_eval = evaluate(run, pos.step) or progress.last_eval
+    summary = {
+        "steps": pos.step, "total_steps": run.total_steps, "epoch": pos.epoch, "optimizer": run.opt_kind,
+        "head_path": run.head_check.path, "processes": accelerator.num_processes, "engine": dist.engine_name(accelerator),
+        "initial_eval_kl": next((r["eval_kl"] for r in read_metrics(run.out) if r.get("kind") == "eval" and r["step"] == 0), None),
+        "final_eval_kl": last_eval["eval_kl"] if last_eval else None,
+        "final_top1_agreement": last_eval["eval_top1_agreement"] if last_eval else None,
+        "eval_tokens": last_eval["eval_tokens"] if last_eval else 0,
+        "train_seconds_this_session": progress.seconds, "tokens_this_session": progress.tokens,
+        "parameters": count_parameters(run.student), "run_dir": str(run.out), "final_dir": str(run.out / "final"),
+        "peak_gpu_memory_gib": _peak_gpu_memory_gib(accelerator.device),
+    }
+    if run.batch_plan is not None:
+        summary["batch_plan"] = run.batch_plan
+    state_dict = dist.full_state_dict(accelerator, run.model)  # gathered from the shards under FSDP/DeepSpeed
+    if accelerator.is_main_process:
+        _save_final(run.out, run.student, run.tokenizer, summary, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# ---- the pieces of a run ------------------------------------------------------------------------------
+
+def _open_data(cfg: TrainConfig, tokenizer, dataset, *, verify: bool = True) -> Data:
+    """The cache (checked against the student's tokenizer) or the given samples, cut and split."""
+    from distill.cache.reader import split_indices
+
     manifest = None
     if dataset is None:
-        reader, manifest = open_cache(cfg.cache, tokenizer)
+        reader, manifest = open_cache(cfg.cache, tokenizer, verify=verify)
         from distill.cache.reader import CacheDataset
 
         dataset = CacheDataset(reader)
         pad_id = int(manifest.pad_id)
     else:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    from distill.cache.reader import collate, split_indices
-
     if cfg.max_length is not None:
         dataset = TruncatedDataset(dataset, cfg.max_length)
-    cache_temperature = float(manifest.temperature) if manifest else 1.0
-    from distill.cache.codecs import codec_for_manifest
-
-    codec = codec_for_manifest(manifest) if manifest else None
-    # refuses a temperature (or loss) the cache's codec cannot serve, before the model loads
-    loss_cfg = loss_config(cfg, len(tokenizer), cache_temperature, codec)
     n = len(dataset)
     if n == 0:
         raise DistillError(f"cache {cfg.cache} holds no samples")
@@ -458,173 +664,164 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[int], None] | None = None,
         eval_idx = eval_idx[: cfg.eval_samples]
     if not train_idx:
         raise DistillError(f"no training samples left after holding out {len(eval_idx)} of {n}; lower --eval-fraction")
-    lengths = sample_lengths(dataset)
-    batch_plan = None
-    if cfg.batch_tokens == "auto":
-        from students.auto_batch import resolve_auto_batch
+    return Data(dataset=dataset, train_idx=train_idx, eval_idx=eval_idx, pad_id=pad_id, manifest=manifest,
+                cache_temperature=float(manifest.temperature) if manifest else 1.0, vocab_size=len(tokenizer))
 
-        k = manifest.k if manifest else int(dataset[0]["target_ids"].shape[-1])
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        batch_plan = resolve_auto_batch(cfg, out, [lengths[i] for i in train_idx], top_k=k, device=device)
-        if cfg.progress:
-            tqdm.write(batch_plan["message"])
-    plan = DataPlan(train_idx, lengths, dataclasses.replace(cfg, batch_tokens=batch_plan["batch_tokens"]) if batch_plan else cfg)
-    per_epoch = math.ceil(plan.batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * plan.batches_per_epoch / cfg.grad_accum))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
 
-    vocab_size = len(tokenizer)
-    run_record = {
+def _run_record(cfg: TrainConfig, spec, data: Data, loss_cfg, schedule: dict) -> dict:
+    """run.json: what the run is (a --resume must match it) and how it was set up."""
+    m = data.manifest
+    return {
         "config": cfg.to_dict(),
         "student": spec.to_dict(),
         "cache": {"path": str(Path(cfg.cache).resolve()) if cfg.cache else None,
-                  "tokenizer_fingerprint": manifest.tokenizer_fingerprint if manifest else None,
-                  "teacher": manifest.teacher if manifest else None,
-                  "k": manifest.k if manifest else None,
-                  "codec": manifest.codec if manifest else None,
-                  "codec_params": manifest.codec_params if manifest else None,
-                  "temperature": manifest.temperature if manifest else None,
-                  "num_samples": n,
-                  "manifest_sha256": _manifest_hash(cfg.cache) if manifest else None},
-        "loss": {"name": cfg.loss, "temperature": loss_cfg.temperature, "cache_temperature": cache_temperature,
+                  "tokenizer_fingerprint": m.tokenizer_fingerprint if m else None,
+                  "teacher": m.teacher if m else None,
+                  "k": m.k if m else None,
+                  "codec": m.codec if m else None,
+                  "codec_params": m.codec_params if m else None,
+                  "temperature": m.temperature if m else None,
+                  "num_samples": len(data.dataset),
+                  "manifest_sha256": _manifest_hash(cfg.cache) if m else None},
+        "loss": {"name": cfg.loss, "temperature": loss_cfg.temperature, "cache_temperature": data.cache_temperature,
                  "tail_rule": cfg.retemper_tail, "kd_weight": cfg.kd_weight,
                  "ce_weight": cfg.ce_weight, "jsd_beta": cfg.jsd_beta, "chunk_size": cfg.loss_chunk_size,
-                 "vocab_size": vocab_size},
-        "schedule": {"total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": per_epoch,
-                     "train_samples": len(train_idx), "eval_samples": len(eval_idx)},
+                 "vocab_size": data.vocab_size},
+        "schedule": schedule,
     }
-    if batch_plan is not None:
-        run_record["batch_plan"] = batch_plan
-    resuming = _prepare_run_dir(out, run_record, cfg.resume)
 
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
-    model, tokenizer = load_student(spec, device=accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, opt_kind = make_optimizer(params, cfg, accelerator.device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    # Before the first step: train through the chunked head only if it reproduces the model's logits.
-    head_check = check_student_head(unwrapped, dataset[train_idx[0]], accelerator)
+
+def _resume(run: Run) -> None:
+    """Continue from the newest complete checkpoint (every process loads it), or find the run finished."""
+    from students import checkpoint as ckpt_mod
+    from students import distributed as dist
+
+    accelerator, out = run.accelerator, run.out
+    dist.on_main(accelerator, lambda: ckpt_mod.clean_partial(out))
+    ckpts = ckpt_mod.list_checkpoints(out)
+    if ckpts:
+        state = ckpt_mod.load_checkpoint(ckpts[-1], model=run.student, optimizer=run.optimizer, scheduler=run.scheduler,
+                                         rank=accelerator.process_index)
+        run.position = Position(step=int(state["step"]), epoch=int(state["epoch"]), batch_index=int(state["batch_index"]))
+    if (out / "final" / "summary.json").is_file() and run.position.step >= run.total_steps:
+        run.finished = json.loads((out / "final" / "summary.json").read_text())
+        return
+    dist.on_main(accelerator, lambda: _truncate_metrics(out / METRICS_FILE, run.position.step))
+
+
+def _my_batches(run: Run, micro: list[list[int]]) -> list[dict]:
+    """This process's micro-batches of the step, collated (students.distributed.step_share)."""
+    from distill.cache.reader import collate
+    from students.distributed import step_share
+
+    share = step_share(micro, run.accelerator.process_index, run.accelerator.num_processes)
+    return [collate([run.data.dataset[j] for j in ids], run.data.pad_id) if ids else run.null_batch for ids in share]
+
+
+def _forward_backward(run: Run, batches: list[dict]):
+    """Forward and backward of this process's micro-batches; returns (their LossSums, the step's valid tokens).
+
+    The normaliser is the number of valid tokens over ALL micro-batches of the step, in all processes,
+    counted before the first backward. Gradients are reduced over processes in the last backward only.
+    """
+    from distill.losses import combine_loss
+    from students.distributed import reduce_sum
+
+    accelerator = run.accelerator
+    n_local = sum(int((b["targets"] != -100).sum()) for b in batches)
+    n_valid = int(reduce_sum(accelerator, [n_local])[0])
+    total = None
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        accelerator.sync_gradients = last  # DeepSpeed steps its engine in the synchronising backward
+        with (_nullcontext() if last else accelerator.no_sync(run.model)):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                sums = run.model(batch, run.loss_cfg)
+            # DDP / FSDP average gradients over processes; the normaliser already counts them all.
+            loss = combine_loss(sums, n_valid, run.loss_cfg) * accelerator.num_processes
+            accelerator.backward(loss)
+        total = sums.detached() if total is None else total + sums.detached()
+    return total, n_valid
+
+
+def _optimizer_step(run: Run):
+    """Clip (the norm over all processes' reduced gradients), step optimizer and schedule; the norm or None."""
+    cfg = run.cfg
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _train_record(run: Run, sums, n_valid: int, batches: list[dict], grad_norm, t0: float) -> dict:
+    """The step's metrics line: losses and statistics of the whole step, summed over all processes."""
+    from students.distributed import reduce_sum
+
+    cfg, pos = run.cfg, run.position
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in batches if b is not run.null_batch)
+    kd, ce, kl, top1, tokens = reduce_sum(run.accelerator, [sums.kd, sums.ce, sums.kl_sum, sums.top1_agree, local_tokens])
+    denom = max(n_valid, 1)
+    dt = time.perf_counter() - t0
+    rec = {"kind": "train", "step": pos.step, "epoch": pos.epoch, "lr": run.scheduler.get_last_lr()[0],
+           "valid_tokens": n_valid, "tokens": int(tokens), "tokens_per_s": tokens / dt if dt > 0 else None}
+    kd, ce = kd / denom, ce / denom
+    rec.update(kd=kd, ce=ce, loss=cfg.kd_weight * kd + cfg.ce_weight * ce, kl=kl / denom, top1_agreement=top1 / denom)
+    if grad_norm is not None:
+        rec["grad_norm"] = float(grad_norm)
+    return rec
+
+
+def evaluate(run: Run, at_step: int) -> dict | None:
+    """Held-out KL and top-1 agreement at the cache temperature (as `distill.evaluate.evaluate_on_cache`);
+    the held-out batches are divided among the processes and their sums added. Logged once."""
+    import torch
+
+    from distill.cache.reader import collate
+    from students.distributed import batch_share, reduce_sum
+
+    if not run.data.eval_idx:
+        return None
+    accelerator, idx, size = run.accelerator, run.data.eval_idx, run.cfg.eval_batch_size
+    batches = [idx[i:i + size] for i in range(0, len(idx), size)]
+    kl_sum = torch.zeros((), dtype=torch.float64)
+    agree_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            for ids in batch_share(batches, accelerator.process_index, accelerator.num_processes):
+                batch = collate([run.data.dataset[j] for j in ids], run.data.pad_id) if ids else run.null_batch
+                sums = run.model({k: v.to(accelerator.device) for k, v in batch.items()}, run.eval_cfg)
+                kl_sum += sums.kl_sum.double().cpu()
+                agree_sum += sums.top1_agree.double().cpu()
+                tokens += sums.n_tokens
+    finally:
+        run.model.train(was_training)
+    kl_sum, agree_sum, tokens = reduce_sum(accelerator, [kl_sum, agree_sum, tokens])
+    tokens = int(tokens)
+    rec = {"kind": "eval", "step": at_step, "eval_kl": kl_sum / tokens if tokens else math.nan,
+           "eval_top1_agreement": agree_sum / tokens if tokens else math.nan, "eval_tokens": tokens}
     if accelerator.is_main_process:
-        print(head_check.message(), file=sys.stderr, flush=True)
-        atomic_write_json(out / RUN_FILE, {**json.loads((out / RUN_FILE).read_text()), "head": head_check.to_dict()},
-                          indent=1, sort_keys=True)
+        run.log.write(rec)
+    return rec
 
-    metrics_path = out / METRICS_FILE
-    step, epoch, batch_index = 0, 0, 0
-    if resuming:
-        ckpt_mod.clean_partial(out)
-        ckpts = ckpt_mod.list_checkpoints(out)
-        if ckpts:
-            state = ckpt_mod.load_checkpoint(ckpts[-1], model=unwrapped, optimizer=optimizer, scheduler=scheduler)
-            step, epoch, batch_index = int(state["step"]), int(state["epoch"]), int(state["batch_index"])
-        if (out / "final" / "summary.json").is_file() and step >= total_steps:
-            return json.loads((out / "final" / "summary.json").read_text())
-        _truncate_metrics(metrics_path, step)
-    log = MetricsLog(metrics_path)
 
-    def run_eval(at_step: int) -> dict | None:
-        if not eval_idx:
-            return None
-        from distill.cache.reader import CacheDataset
+def _save_checkpoint(run: Run) -> None:
+    """checkpoints/step-XXXXXX, written by the main process with every process's RNG state."""
+    from students import checkpoint as ckpt_mod
+    from students.distributed import gather_rng_states
 
-        sub = _Subset(dataset, eval_idx)
-        res = evaluate_on_cache(unwrapped, tokenizer, sub, batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                                chunk_size=cfg.loss_chunk_size, vocab_size=vocab_size,
-                                cache_temperature=cache_temperature, progress=False,
-                                full_logits=head_check.full_logits)
-        rec = {"kind": "eval", "step": at_step, "eval_kl": res["kl"], "eval_top1_agreement": res["top1_agreement"],
-               "eval_tokens": res["tokens"]}
-        if accelerator.is_main_process:
-            log.write(rec)
-        return rec
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    stream = plan.stream(epoch, batch_index)
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    last_eval = None
-    if step == 0 and cfg.eval_every:
-        # The untrained student's held-out KL: the baseline that the final figure is read against.
-        model.eval()
-        run_eval(0)
-    t_start = time.perf_counter()
-    tokens_seen = 0
-    model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        micro = []
-        for _ in range(cfg.grad_accum):
-            e, i, batch_ids = next(stream)
-            micro.append(batch_ids)
-        epoch, batch_index = e, i + 1
-        # Each process takes every world-th micro-batch of the step (one process: all of them).
-        mine = [collate([dataset[j] for j in ids], pad_id) for ids in micro[rank::world]] if len(micro) >= world else \
-            [collate([dataset[j] for j in micro[0]], pad_id)]
-        # The normaliser: valid tokens over ALL micro-batches of the step (all processes), before backward.
-        n_local = sum(int((b["targets"] != -100).sum()) for b in mine)
-        n_valid = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum").item()) if world > 1 else n_local
-        denom = max(n_valid, 1)
-        acc = None
-        for bi, b in enumerate(mine):
-            b = {k: v.to(accelerator.device) for k, v in b.items()}
-            ctx = accelerator.no_sync(model) if (world > 1 and bi < len(mine) - 1) else _nullcontext()
-            with ctx:
-                with accelerator.autocast():
-                    sums = batch_loss_sums(model, b, loss_cfg, full_logits=head_check.full_logits)
-                # DDP averages gradients over processes; the global normaliser already counts them all.
-                loss = combine_loss(sums, denom, loss_cfg) * world
-                accelerator.backward(loss)
-            acc = sums.detached() if acc is None else acc + sums.detached()
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in mine)
-        tokens_seen += step_tokens
-        dt = time.perf_counter() - t0
-        rec = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-               "valid_tokens": n_valid, "tokens": step_tokens, "tokens_per_s": step_tokens / dt if dt > 0 else None}
-        kd, ce = float(acc.kd) / denom, float(acc.ce) / denom
-        rec.update(kd=kd, ce=ce, loss=cfg.kd_weight * kd + cfg.ce_weight * ce,
-                   kl=float(acc.kl_sum) / denom, top1_agreement=float(acc.top1_agree) / denom)
-        if grad_norm is not None:
-            rec["grad_norm"] = float(grad_norm)
-        if accelerator.is_main_process and (cfg.log_every and (step % cfg.log_every == 0 or step == total_steps)):
-            log.write(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            model.eval()
-            last_eval = run_eval(step)
-            model.train()
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and accelerator.is_main_process:
-            ckpt_mod.save_checkpoint(out, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                     trainer_state={"epoch": epoch, "batch_index": batch_index, "seed": cfg.seed,
-                                                    "total_steps": total_steps}, keep=cfg.keep_checkpoints)
-        if on_step_end is not None:
-            on_step_end(step)
-    bar.close()
-
-    model.eval()
-    last_eval = run_eval(step) or last_eval
-    elapsed = time.perf_counter() - t_start
-    summary = {
-        "steps": step, "total_steps": total_steps, "epoch": epoch, "optimizer": opt_kind, "head_path": head_check.path,
-        "initial_eval_kl": next((r["eval_kl"] for r in read_metrics(out) if r.get("kind") == "eval" and r["step"] == 0), None),
-        "final_eval_kl": last_eval["eval_kl"] if last_eval else None,
-        "final_top1_agreement": last_eval["eval_top1_agreement"] if last_eval else None,
-        "eval_tokens": last_eval["eval_tokens"] if last_eval else 0,
-        "train_seconds_this_session": elapsed, "tokens_this_session": tokens_seen,
-        "parameters": count_parameters(unwrapped), "run_dir": str(out), "final_dir": str(out / "final"),
-    }
-    if batch_plan is not None:
-        summary["batch_plan"] = batch_plan
+    accelerator, pos = run.accelerator, run.position
+    rng_states = gather_rng_states(accelerator)
     if accelerator.is_main_process:
-        _save_final(out, unwrapped, tokenizer, summary)
-    return summary
+        ckpt_mod.save_checkpoint(run.out, pos.step, model=run.student, optimizer=run.optimizer, scheduler=run.scheduler,
+                                 trainer_state={"epoch": pos.epoch, "batch_index": pos.batch_index, "seed": run.cfg.seed,
+                                                "total_steps": run.total_steps},
+                                 keep=run.cfg.keep_checkpoints, rng_states=rng_states)
+    accelerator.wait_for_everyone()
 
 
 class _Subset:
@@ -646,6 +843,15 @@ class _nullcontext:
         return False
 
 
+def _peak_gpu_memory_gib(device) -> float | None:
+    """Peak memory torch allocated on this process's GPU (None on the CPU): what training needed."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def _manifest_hash(cache: str | Path) -> str:
     import hashlib
 
@@ -654,7 +860,7 @@ def _manifest_hash(cache: str | Path) -> str:
     return "sha256:" + hashlib.sha256((Path(cache) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-def _save_final(out: Path, model, tokenizer, summary: dict) -> None:
+def _save_final(out: Path, model, tokenizer, summary: dict, *, state_dict: dict | None = None) -> None:
     import shutil
 
     final = out / "final"
@@ -662,7 +868,7 @@ def _save_final(out: Path, model, tokenizer, summary: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(tmp))
     atomic_write_json(tmp / "summary.json", summary, indent=1, sort_keys=True)
     if final.exists():

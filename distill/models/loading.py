@@ -65,7 +65,7 @@ def load_config(ref, *, what: str = "model", accept=("dir", "hub"), trust_remote
 def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = "none", device=None, dtype=None,
                trust_remote_code: bool = False, revision: str | None = None, device_map=None,
                max_memory: dict | None = None, adapter: str | Path | None = None, trainable: bool = False,
-               task: str = "causal-lm"):
+               task: str = "causal-lm", quant_storage=None):
     """Load `ref` (a reference or a resolved ModelSource) in eval mode and return the model.
 
     quant: none | nf4 | int8. device: None (the default device), "cpu", "cuda", a torch.device.
@@ -75,6 +75,7 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
     max_memory ({gpu index or "cpu": bytes}) caps what it may use where.
     adapter: a LoRA adapter directory applied on top (an "adapter" source brings its own); trainable
     keeps its weights trainable. task: "causal-lm" or "sequence-classification" (reward models).
+    quant_storage: the dtype NF4 weights are stored in (`distill.models.quant.bnb_config`).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
@@ -87,7 +88,7 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
         base = resolve_source(src.base, what=f"{what} base model", accept=("dir", "hub"))
         adapter = src.path
     qcfg = bnb_config(quant, compute_dtype(dev) if torch_dtype == "auto" else torch_dtype,
-                      cpu_offload=device_map is not None)
+                      cpu_offload=device_map is not None, quant_storage=quant_storage)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                     "device_map": device_map if device_map is not None else {"": dev}}
     if max_memory is not None:

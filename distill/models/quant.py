@@ -19,11 +19,14 @@ def check_quant(quant: str, *, flag: str = "--quant") -> str:
     return quant
 
 
-def bnb_config(quant: str, compute_dtype, *, cpu_offload: bool = False):
+def bnb_config(quant: str, compute_dtype, *, cpu_offload: bool = False, quant_storage=None):
     """The transformers BitsAndBytesConfig for `quant`, or None for "none".
 
     `cpu_offload`: a device map may put the layers that do not fit the GPUs on the CPU; bitsandbytes
-    then keeps those unquantized (fp32) instead of refusing the map."""
+    then keeps those unquantized (fp32) instead of refusing the map.
+    `quant_storage`: the dtype NF4 weights are packed into (default uint8). FSDP and DeepSpeed ZeRO-3
+    shard only float tensors, all of one dtype per unit: a student sharded by them stores its NF4
+    weights in its compute dtype (the FSDP-QLoRA recipe)."""
     check_quant(quant)
     if quant == "none":
         return None
@@ -36,5 +39,6 @@ def bnb_config(quant: str, compute_dtype, *, cpu_offload: bool = False):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_enable_fp32_cpu_offload=cpu_offload,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)

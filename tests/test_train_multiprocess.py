@@ -1,0 +1,253 @@
+"""Training under N processes: `accelerate launch` on the CPU (2 processes, gloo) against one process.
+
+The same flags must train the same model on any number of processes: step by step the same logged
+(global) losses and the same final adapters; checkpoints and metrics written once; a run whose
+launcher is SIGKILLed resumes to the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from students.distributed import batch_share, step_share
+from students.train import TrainConfig, read_metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).resolve().parent / "launched_train.py"
+LAUNCH_TIMEOUT = 900
+
+
+# ---- who trains on which rows (no processes needed) ------------------------------------------------
+
+def _micro(sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(list(range(start, start + s)))
+        start += s
+    return out, start
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("sizes", [[4], [3], [1], [2, 2], [2, 3, 1], [5, 1, 4, 2, 2]])
+def test_step_share_gives_every_row_to_exactly_one_process(sizes, world):
+    """The shipped bug: with --grad-accum below the process count every process took micro-batch 0."""
+    micro, n = _micro(sizes)
+    shares = [step_share(micro, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1  # as many forwards/backwards everywhere (DDP would hang)
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(n))  # once, none twice
+
+
+def test_batch_share_splits_held_out_batches_evenly():
+    batches, _ = _micro([3, 3, 2])
+    shares = [batch_share(batches, rank, 2) for rank in range(2)]
+    assert shares == [[batches[0], batches[2]], [batches[1], []]]
+
+
+# ---- launching ----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_leftovers(marker: str) -> list[int]:
+    """SIGKILL any process of ours whose command line holds `marker` (a path unique to one test)."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except OSError:
+                pass
+    return killed
+
+
+def _launch(args: list[str], marker: str, *, processes: int = 2, timeout: float = LAUNCH_TIMEOUT):
+    """`accelerate launch --num_processes N ARGS` on the CPU; (returncode, output). The launcher gets a
+    process group of its own, killed with any worker left (found by `marker`) whatever happens."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"launch timed out after {timeout}s:\n{out[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _kill_leftovers(marker)
+    return proc.returncode, out
+
+
+def _launch_configs(cfgs: list[TrainConfig], spec_path: Path, **spec) -> tuple[int, str]:
+    spec_path.write_text(json.dumps({"configs": [c.to_dict() for c in cfgs], **spec}))
+    return _launch([str(DRIVER), str(spec_path)], marker=str(spec_path))
+
+
+def _cli_args(cfg: TrainConfig) -> list[str]:
+    """`-m cli train` (the documented launch form) with flags for the fields these tests set."""
+    args = ["-m", "cli", "train", "--student", cfg.student, "--cache", cfg.cache, "--out", cfg.out, "--quant", cfg.quant,
+            "--lora-r", str(cfg.lora_r), "--lora-alpha", str(cfg.lora_alpha), "--lora-dropout", str(cfg.lora_dropout),
+            "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size), "--grad-accum", str(cfg.grad_accum),
+            "--steps", str(cfg.steps), "--eval-every", str(cfg.eval_every), "--save-every", str(cfg.save_every),
+            "--eval-fraction", str(cfg.eval_fraction), "--warmup-steps", str(cfg.warmup_steps), "--no-progress"]
+    return args + (["--resume"] if cfg.resume else [])
+
+
+# ---- reading runs ---------------------------------------------------------------------------------
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if m["kind"] == kind]
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def _assert_same_training(one: Path, two: Path, *, rel: float = 1e-4) -> float:
+    """Step by step the same global losses and statistics, the same held-out figures and adapters.
+    Returns the largest relative difference of a logged loss."""
+    r1, r2 = _records(one, "train"), _records(two, "train")
+    assert [r["step"] for r in r2] == [r["step"] for r in r1] and len(r1) >= 5
+    worst = 0.0
+    for a, b in zip(r1, r2):
+        assert (b["valid_tokens"], b["tokens"]) == (a["valid_tokens"], a["tokens"])  # every row once, counted once
+        for key in ("loss", "kd", "kl"):
+            diff = abs(b[key] - a[key]) / max(abs(a[key]), 1e-12)
+            assert diff < rel, (key, a["step"], a[key], b[key])
+        worst = max(worst, abs(b["loss"] - a["loss"]) / abs(a["loss"]))
+        assert b["top1_agreement"] == pytest.approx(a["top1_agreement"], abs=1e-9)
+    e1, e2 = _records(one, "eval"), _records(two, "eval")
+    assert [e["step"] for e in e2] == [e["step"] for e in e1]
+    for a, b in zip(e1, e2):
+        assert b["eval_tokens"] == a["eval_tokens"] and b["eval_kl"] == pytest.approx(a["eval_kl"], rel=rel)
+    w1, w2 = _adapter(one), _adapter(two)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.all(w == 0) for n, w in w1.items() if "lora_B" in n)  # the adapters did train
+    return worst
+
+
+def _assert_written_once(run_dir: Path) -> None:
+    keys = [(m["kind"], m["step"]) for m in read_metrics(run_dir)]
+    assert len(keys) == len(set(keys)), "a metrics line was written by more than one process"
+    assert not list(run_dir.glob(".tmp-*"))
+    assert not list(run_dir.glob("checkpoints/.tmp-*"))
+
+
+# ---- the same model on 1 and 2 processes -------------------------------------------------------
+
+def _cfg(kd_pair, out: Path, **kw) -> TrainConfig:
+    _, student, cache = kd_pair
+    base = dict(student=str(student), cache=str(cache), out=str(out), quant="none", lora_r=4, lora_alpha=8,
+                lora_dropout=0.0, lr=5e-3, steps=5, eval_every=2, save_every=0, eval_fraction=0.2,
+                eval_batch_size=3, progress=False, warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# grad_accum 1 with 3 rows: the rows of each micro-batch split 2 + 1; 2: one micro-batch per process;
+# 3: micro-batches 0 and 2 on the first process, 1 and an empty one on the second.
+SPLITS = {"ga1": dict(batch_size=3, grad_accum=1), "ga2": dict(batch_size=2, grad_accum=2),
+          "ga3": dict(batch_size=2, grad_accum=3)}
+RESUME = dict(lora_dropout=0.1, steps=8, batch_size=4, save_every=2, eval_every=3, eval_batch_size=8)  # flags the CLI has
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(kd_pair, tmp_path_factory):
+    """One launch of 2 processes training every SPLITS config, and the uninterrupted reference of the
+    resume test (dropout on, so that each process's RNG matters)."""
+    root = tmp_path_factory.mktemp("two_proc")
+    cfgs = [_cfg(kd_pair, root / name, **kw) for name, kw in SPLITS.items()]
+    cfgs.append(_cfg(kd_pair, root / "resume_ref", **RESUME))
+    code, out = _launch_configs(cfgs, root / "spec.json")
+    assert code == 0, out[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_two_processes_train_the_same_model_as_one(kd_pair, two_process_runs, tmp_path, name):
+    one = tmp_path / "one"
+    train(_cfg(kd_pair, one, **SPLITS[name]))
+    two = two_process_runs / name
+    worst = _assert_same_training(one, two)
+    print(f"{name}: largest relative loss difference, 2 processes vs 1: {worst:.2e}")
+    _assert_written_once(two)
+    summary = json.loads((two / "final" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["engine"] == "ddp" and summary["steps"] == 5
+
+
+def test_resume_after_sigkill_of_the_launcher(kd_pair, two_process_runs, tmp_path):
+    """SIGKILL of the launcher's process group after step 5 (last checkpoint at 4): no worker survives it,
+    and `--resume` on 2 processes logs the losses of the uninterrupted 2-process run."""
+    run_dir = tmp_path / "killed"
+    cfg = _cfg(kd_pair, run_dir, **RESUME)
+    code, out = _launch_configs([cfg], tmp_path / "kill-spec.json", kill_at=5)
+    assert code == -signal.SIGKILL, out[-3000:]
+    # The launch returns once every holder of its output pipe is gone: workers that outlived their
+    # launcher would have finished the run by then (they did, before they got a parent-death signal).
+    assert not (run_dir / "final").exists(), "workers outlived their launcher"
+    assert (run_dir / "checkpoints" / "step-000004" / "rng-rank1.json").is_file()  # each process's RNG saved
+    assert max(m["step"] for m in read_metrics(run_dir)) in (5, 6)
+
+    cfg.resume = True
+    code, out = _launch(_cli_args(cfg), marker=str(run_dir))
+    assert code == 0, out[-4000:]
+    ref = two_process_runs / "resume_ref"
+    got, want = _records(run_dir, "train"), _records(ref, "train")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for a, b in zip(want, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-9), b["step"]
+    assert [(e["step"], e["eval_kl"]) for e in _records(run_dir, "eval")] == \
+        [(e["step"], pytest.approx(e["eval_kl"], rel=1e-6)) for e in _records(ref, "eval")]
+    for name, value in _adapter(ref).items():
+        torch.testing.assert_close(_adapter(run_dir)[name], value, rtol=1e-5, atol=1e-7)
+    _assert_written_once(run_dir)
+
+
+# ---- a real student: NF4 SmolLM2 -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_processes_train_nf4_smollm2_as_one(smollm2_dir, tmp_path):
+    from teachers.cache_build import build_cache
+
+    records = [{"prompt": f"What is {a} + {b}?", "completion": f" {a} + {b} = {a + b}."}
+               for a, b in [(3, 4), (12, 7), (25, 30), (8, 9), (41, 2), (6, 6), (19, 23), (50, 11), (7, 35), (14, 14)]]
+    cache = tmp_path / "cache"
+    build_cache(str(smollm2_dir), None, cache, top_k=8, records=records, max_length=48, progress=False, log=lambda m: None)
+    base = dict(student=str(smollm2_dir), cache=str(cache), quant="nf4", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                lr=1e-3, steps=5, eval_every=0, save_every=0, eval_fraction=0.2, progress=False, warmup_steps=1,
+                gradient_checkpointing=False)
+    splits = {"ga1": dict(batch_size=2, grad_accum=1), "ga2": dict(batch_size=1, grad_accum=2)}
+    cfgs = [TrainConfig(out=str(tmp_path / f"two-{n}"), **base, **kw) for n, kw in splits.items()]
+    code, out = _launch_configs(cfgs, tmp_path / "spec.json")
+    assert code == 0, out[-4000:]
+    for name, kw in splits.items():
+        train(TrainConfig(out=str(tmp_path / f"one-{name}"), **base, **kw))
+        worst = _assert_same_training(tmp_path / f"one-{name}", tmp_path / f"two-{name}")
+        print(f"NF4 SmolLM2 {name}: largest relative loss difference, 2 processes vs 1: {worst:.2e}")
