@@ -187,6 +187,7 @@ def test_device_map_auto_builds_the_same_cache(tmp_path, tiny_model_dir, one_pro
                 batch_size=2, device="cpu", device_map="auto", progress=False, log=lambda m: None)
     verify_cache(out)
     assert_same_samples(out, one_process_cache)
+    assert json.loads((out / "manifest.json").read_text())["build"]["device_map"]["asked"] == "auto"
 
 
 def test_work_is_dealt_round_robin_and_gpus_in_blocks():

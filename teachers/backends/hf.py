@@ -167,8 +167,12 @@ class HFBackend:
     @property
     def build_info(self) -> dict:
         model = self.model
-        return {"backend": self.name, "teacher_dtype": str(next(model.parameters()).dtype),
+        info = {"backend": self.name, "teacher_dtype": str(next(model.parameters()).dtype),
                 "scoring": "hidden+head on trained rows" if self._scorer.fast else "full logits"}
+        if self.device_map is not None:  # where the layers went (placement, not identity: not compared on resume)
+            placed = getattr(model, "hf_device_map", None) or {}
+            info["device_map"] = {"asked": self.device_map, "devices": sorted({str(d) for d in placed.values()})}
+        return info
 
     # ---- operations
 
