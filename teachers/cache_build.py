@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from distill.cache.codecs import DEFAULT_CODEC, codec_from_options, get_codec
+from distill.cache.codecs.sampling import row_seeds
 from distill.cache.format import Manifest, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
@@ -61,7 +62,13 @@ def _score(backend, coder, seqs, positions, sample_indices, temperature: float) 
     if not coder.needs_full_rows:
         ids, lps = backend.score(seqs, positions, k=coder.k, temperature=temperature)
         return {"ids": ids, "logprobs": lps}
-    raise DistillError(f"codec {coder.name} needs full teacher rows, which this build cannot give")
+    if not hasattr(backend, "score_rows"):
+        raise DistillError(f"--codec {coder.name} needs the teacher's whole distribution, which --backend {backend.name} "
+                           "does not give (no score_rows); use --codec topk or another backend")
+    # Draws are keyed by (codec seed, sample index, position): the bytes do not depend on batching.
+    seeds = np.concatenate([row_seeds(coder.seed, i, p) for i, p in zip(sample_indices, positions)])
+    return backend.score_rows(seqs, positions, temperature=temperature,
+                              reduce=lambda x, row: coder.reduce(x, seeds[row:row + x.shape[0]]))
 
 
 def _data_fingerprint(samples: Sequence[tuple[list[int], list[int]]]) -> str:
@@ -102,18 +109,24 @@ def build_cache(
     log=None,
     backend: str = "hf",
     codec: str = DEFAULT_CODEC,
+    samples: int | None = None,
+    proposal_temperature: float = 1.0,
+    seed: int = 0,
+    pack_ids: bool = False,
 ) -> Manifest:
     """Build (or resume) a teacher cache in `out` and return its final manifest.
 
     `data` is a path / hub id read by `load_records`; `records` (already normalised dicts) replaces it when
     the pipeline has them in memory. `backend` names the teacher backend (`teachers.backends.BACKENDS`),
-    `codec` the cache codec (`distill.cache.codecs.CODECS`; `top_k` and `dtype` are its options).
+    `codec` the cache codec (`distill.cache.codecs.CODECS`); `top_k`, `dtype`, `samples`,
+    `proposal_temperature`, `seed` and `pack_ids` are codec options (each codec refuses those it does not use).
     Raises DistillError for every user mistake, before any output is written.
     """
     from teachers.backends import check_backend, get_backend
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    codec_params = codec_from_options(codec, top_k=top_k, value_dtype=dtype)
+    codec_params = codec_from_options(codec, top_k=top_k, value_dtype=dtype, samples=samples,
+                                      proposal_temperature=proposal_temperature, seed=seed, pack_ids=pack_ids)
     if not temperature > 0:
         raise DistillError(f"--temperature must be positive, got {temperature}")
     if max_length < 2:
@@ -141,7 +154,7 @@ def build_cache(
     tok = teacher_backend.tokenizer
     vocab = teacher_backend.vocab_size
     coder = get_codec(codec, codec_params, vocab_size=vocab, id_dtype=id_dtype_for(vocab))
-    if coder.k >= vocab:
+    if coder.k and coder.k >= vocab:
         # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
         # leaves a spurious tail mass that no student can match.
         raise DistillError(f"--top-k {coder.k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")

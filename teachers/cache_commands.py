@@ -45,6 +45,7 @@ def cache_summary(path: str | Path) -> dict:
         # the codec's tensors alone (without the tokens, the mask and the offsets every codec shares)
         "codec_bytes_per_trained_position": round(m.codec_bytes / m.num_rows, 2) if m.num_rows and m.codec_bytes else None,
         "mean_tail_mass": round(m.mean_tail_mass, 6),
+        "nominal_codec_bytes_per_row": codec.bytes_per_row(),
         "teacher": m.teacher.get("name_or_path"),
         "teacher_config_hash": m.teacher.get("config_hash"),
         "tokenizer_fingerprint": m.tokenizer_fingerprint,
@@ -61,7 +62,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         top_k: Optional[int] = typer.Option(None, "--top-k", help="Codec topk: number of teacher tokens stored per position."),
         temperature: float = typer.Option(1.0, "--temperature", help="Log-probs are log_softmax(logits / T)."),
         max_length: int = typer.Option(2048, "--max-length", help="Sequences are cut to this many tokens (counted)."),
-        dtype: str = typer.Option("fp16", "--dtype", help="Stored log-prob dtype: fp16 or bf16."),
+        dtype: str = typer.Option("fp16", "--dtype", help="Stored log-prob dtype: fp16, bf16 or q8 (8 bits, square-root grid, docs/cache-format.md)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Max sequences per teacher forward."),
         batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Max padded tokens per teacher forward."),
         shard_size: int = typer.Option(1024, "--shard-size", help="Sequences per shard (the unit of resume)."),
@@ -76,7 +77,11 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
         teacher_dtype: Optional[str] = typer.Option(None, "--teacher-dtype", help="bf16, fp16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the teacher."),
         backend: str = typer.Option("hf", "--backend", help="Teacher backend that runs the model (hf: Hugging Face transformers)."),
-        codec: str = typer.Option("topk", "--codec", help="What is stored per position: topk (the k most likely ids and log-probs)."),
+        codec: str = typer.Option("topk", "--codec", help="What is stored per position: topk (the k most likely ids and log-probs), sampled (N draws: distinct ids + counts) or topk+sampled (exact top-k + N tail draws)."),
+        samples: Optional[int] = typer.Option(None, "--samples", help="Codecs sampled, topk+sampled: draws per position (1..255)."),
+        proposal_temperature: float = typer.Option(1.0, "--proposal-temperature", help="Codec sampled: draw from p^(1/T') (T' > 1 flatter) and store importance weights."),
+        seed: int = typer.Option(0, "--seed", help="Sampled codecs: base seed of the per-position draws."),
+        pack_ids: bool = typer.Option(False, "--pack-ids", help="Bit-pack ids to ceil(log2 V) bits (and draw counts to their width)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Run a teacher over a data set and cache its next-token distributions (resumable)."""
@@ -88,7 +93,8 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
             batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, fields=parse_field_map(field),
             split=split, data_config=data_config, limit=limit, as_chat=chat, trust_remote_code=trust_remote_code,
             quant=quant, device=device, teacher_dtype=teacher_dtype, revision=revision, progress=not no_progress,
-            backend=backend, codec=codec,
+            backend=backend, codec=codec, samples=samples, proposal_temperature=proposal_temperature, seed=seed,
+            pack_ids=pack_ids,
         )
 
     @cache_app.command("info")

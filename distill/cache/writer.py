@@ -89,9 +89,11 @@ class CacheWriter:
         self.out = Path(out)
         self.rank = rank
         check_output_dir(self.out)
+        manifest.codec_params = codec_for_manifest(manifest).params  # canonical form (defaults filled in)
         self.out.mkdir(parents=True, exist_ok=True)
         if (self.out / MANIFEST_NAME).is_file():
             old = read_manifest(self.out)
+            old.codec_params = codec_for_manifest(old).params
             for name in IDENTITY_FIELDS:
                 a, b = getattr(old, name), getattr(manifest, name)
                 if name == "teacher":  # the same weights moved to another path are the same teacher
