@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from distill.cache.codecs import Codec, codec_from_options, get_codec
+from distill.cache.codecs.sampling import row_seeds
 from distill.cache.format import Manifest, data_fingerprint, id_dtype_for, tokenizer_fingerprint
 from distill.cache.writer import CachedSample, CacheWriter, check_output_dir, trained_positions
 from distill.data.records import encode_record, load_records
@@ -167,7 +168,8 @@ def prepare_build(cfg: CacheBuildConfig, *, records=None, ranks: Ranks | None = 
     """Everything before the first forward pass, cheapest checks first; returns the job for `run_shards`."""
     from teachers.backends import check_backend, get_backend
 
-    codec_params = codec_from_options(cfg.codec, top_k=cfg.top_k, value_dtype=cfg.dtype)
+    codec_params = codec_from_options(cfg.codec, top_k=cfg.top_k, value_dtype=cfg.dtype, samples=cfg.samples,
+                                      proposal_temperature=cfg.proposal_temperature, seed=cfg.seed, pack_ids=cfg.pack_ids)
     check_backend(cfg.backend)
     out = Path(cfg.out)
     ranks = ranks or current_ranks(cfg.device)
@@ -183,7 +185,7 @@ def prepare_build(cfg: CacheBuildConfig, *, records=None, ranks: Ranks | None = 
     tok = teacher_backend.tokenizer
     vocab = teacher_backend.vocab_size
     coder = get_codec(cfg.codec, codec_params, vocab_size=vocab, id_dtype=id_dtype_for(vocab))
-    if coder.k >= vocab:
+    if coder.k and coder.k >= vocab:
         # At k = vocabulary there is no tail: every token is stored, and the rounding of the stored values
         # leaves a spurious tail mass that no student can match.
         raise DistillError(f"--top-k {coder.k} must be smaller than the teacher's vocabulary ({vocab} tokens); use a smaller k")
@@ -267,11 +269,17 @@ def score_shard(job: BuildJob, window: Sequence[tuple[list[int], list[int]]], st
 
 def _score(job: BuildJob, seqs, positions, sample_indices) -> dict[str, torch.Tensor]:
     """Teacher rows of one batch for the codec: the backend's top-k, or the codec's reduction of full rows."""
-    coder = job.coder
+    coder, backend = job.coder, job.backend
     if not coder.needs_full_rows:
-        ids, lps = job.backend.score(seqs, positions, k=coder.k, temperature=job.temperature)
+        ids, lps = backend.score(seqs, positions, k=coder.k, temperature=job.temperature)
         return {"ids": ids, "logprobs": lps}
-    raise DistillError(f"codec {coder.name} needs full teacher rows, which this build cannot give")
+    if not hasattr(backend, "score_rows"):
+        raise DistillError(f"--codec {coder.name} needs the teacher's whole distribution, which --backend {backend.name} "
+                           "does not give (no score_rows); use --codec topk or another backend")
+    # Draws are keyed by (codec seed, sample index, position): the bytes do not depend on batching or processes.
+    seeds = np.concatenate([row_seeds(coder.seed, i, p) for i, p in zip(sample_indices, positions)])
+    return backend.score_rows(seqs, positions, temperature=job.temperature,
+                              reduce=lambda x, row: coder.reduce(x, seeds[row:row + x.shape[0]]))
 
 
 def run_shards(job: BuildJob, *, progress: bool = True) -> LoopStats:

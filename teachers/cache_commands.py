@@ -49,6 +49,7 @@ def cache_summary(path: str | Path) -> dict:
         # the codec's tensors alone (without the tokens, the mask and the offsets every codec shares)
         "codec_bytes_per_trained_position": round(m.codec_bytes / m.num_rows, 2) if m.num_rows and m.codec_bytes else None,
         "mean_tail_mass": round(m.mean_tail_mass, 6),
+        "nominal_codec_bytes_per_row": codec.bytes_per_row(),
         "teacher": m.teacher.get("name_or_path"),
         "teacher_config_hash": m.teacher.get("config_hash"),
         "tokenizer_fingerprint": m.tokenizer_fingerprint,

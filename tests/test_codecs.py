@@ -115,3 +115,11 @@ def test_version_1_cache_still_reads(tmp_path):
     r = CacheReader(path)
     assert r.codec.name == "topk" and r.codec.k == 4
     assert torch.equal(r[1]["target_ids"], samples[1].ids)
+
+
+def test_cache_settings_offer_exactly_the_codec_value_dtypes():
+    """`distill cache build --dtype` lists its choices without importing torch; they must be the codecs' own."""
+    from distill.cache.codecs.values import VALUE_DTYPES
+    from teachers.cache_settings import VALUE_DTYPE_CHOICES
+
+    assert tuple(VALUE_DTYPE_CHOICES) == tuple(VALUE_DTYPES)

@@ -136,6 +136,7 @@ class CacheWriter:
         self.ranks = ranks or Ranks()
         self.rank = self.ranks.rank
         self._mine: list[ShardInfo] = []  # shards this (non-main) process committed, its progress file
+        manifest.codec_params = codec_for_manifest(manifest).params  # canonical form (defaults filled in)
         self.manifest = manifest
         self.codec = codec_for_manifest(manifest)
         # Only the main process looks at the directory before it is set up (the others could see it
@@ -247,6 +248,7 @@ class CacheWriter:
 
 def check_same_cache(old: Manifest, new: Manifest, out: Path) -> None:
     """Refuse to resume into a cache built with something else (one line naming the first difference)."""
+    old.codec_params = codec_for_manifest(old).params  # canonical form, as the new manifest's
     for name in IDENTITY_FIELDS:
         a, b = getattr(old, name), getattr(new, name)
         if name == "teacher":  # the same weights moved to another path are the same teacher

@@ -13,6 +13,13 @@ with `--backend NAME` (default "hf"), for two operations:
       the result is the top-k of log_softmax(logits / temperature) over the tokenizer's vocabulary
       (columns past it dropped), descending. The tail mass is 1 - sum(exp(logprobs)).
 
+and optionally, for cache codecs that need the teacher's whole distribution (sampling):
+
+  score_rows(seqs, positions, *, temperature, reduce) -> dict of [R, ...] tensors on the CPU
+      reduce(x, row) is called on chunks x [C, V] fp32 of log-softmax inputs logits[:, :vocab] / T (the
+      scaled logits of the requested rows, C rows at a time, `row` = index of x's first row among all
+      R rows); the results are concatenated row-wise. The full [R, V] block is never built.
+
 and five properties: `tokenizer` (a Hugging Face tokenizer: prompts, records and the cache's
 fingerprint are made with it), `vocab_size` (len(tokenizer)), `logits_width` (the model's output
 width, >= vocab_size), `identity` (a dict recorded in the cache manifest and in every trace: resuming

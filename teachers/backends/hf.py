@@ -43,6 +43,22 @@ def topk_logprobs(logits: torch.Tensor, vocab: int, k: int, temperature: float, 
     return ids, vals
 
 
+@torch.no_grad()
+def reduce_logits(logits: torch.Tensor, vocab: int, temperature: float, reduce, *, first_row: int = 0,
+                  chunk: int = 512) -> dict[str, torch.Tensor]:
+    """Apply `reduce(x, row)` to chunks of scaled fp32 logits x = logits[:, :vocab] / T (columns past the
+    vocabulary dropped, as in `topk_logprobs`); `row` is the index of x's first row among all rows
+    requested. Returns the chunks' results concatenated row-wise."""
+    parts = []
+    inv_t = 1.0 / float(temperature)
+    for a in range(0, logits.shape[0], chunk):
+        x = logits[a:a + chunk, :vocab].float()
+        if inv_t != 1.0:
+            x = x * inv_t
+        parts.append(reduce(x, first_row + a))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(max(len(s) for s in seqs), 1)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -108,6 +124,28 @@ class RowScorer:
             i, v = topk_logprobs(head(rows[a:a + chunk]), vocab, k, temperature, chunk=chunk)
             out_ids[a:a + chunk], out_lp[a:a + chunk] = i, v
         return out_ids, out_lp
+
+
+    @torch.no_grad()
+    def rows(self, seqs, positions, vocab: int, temperature: float, reduce) -> dict[str, torch.Tensor]:
+        """`reduce` applied to the scaled logits of the rows `positions`, chunk by chunk (see reduce_logits)."""
+        b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)]).to(self.device)
+        t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions]).to(self.device)
+        chunk = max(16, (1 << 25) // max(vocab, 1))
+        if not self.fast:
+            logits = teacher_forward(self.model, seqs, self.pad_id, self.device)
+            rows = logits[b_idx, t_idx]
+            del logits
+            return reduce_logits(rows, vocab, temperature, reduce, chunk=chunk)
+        from distill.models.head import model_hidden_and_head
+
+        ids, att = _pad(seqs, self.pad_id, self.device)
+        hidden, head = model_hidden_and_head(self.model, ids, att)
+        rows = hidden[b_idx, t_idx]
+        del hidden
+        parts = [reduce_logits(head(rows[a:a + chunk]), vocab, temperature, reduce, first_row=a, chunk=chunk)
+                 for a in range(0, rows.shape[0], chunk)]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def _logits_width(model) -> int:
@@ -201,3 +239,8 @@ class HFBackend:
         self.load()
         ids, lps = self._scorer.topk(seqs, positions, self.vocab_size, k, temperature)
         return ids.cpu(), lps.cpu()
+
+    def score_rows(self, seqs, positions, *, temperature: float, reduce) -> dict[str, torch.Tensor]:
+        self.load()
+        out = self._scorer.rows(seqs, positions, self.vocab_size, temperature, reduce)
+        return {key: t.cpu() for key, t in out.items()}

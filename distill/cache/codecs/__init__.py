@@ -76,6 +76,11 @@ class Codec:
         return str(self.params.get("value_dtype", "fp16"))
 
     @property
+    def seed(self) -> int:
+        """Base seed of the per-row draws (codecs that sample)."""
+        return int(self.params.get("seed", 0))
+
+    @property
     def width(self) -> int:
         """m: slots per decoded row."""
         raise NotImplementedError
@@ -137,9 +142,10 @@ class CodecShard:
 
 
 def _registry() -> dict[str, type[Codec]]:
+    from distill.cache.codecs.sampled import SampledCodec, TopKSampledCodec
     from distill.cache.codecs.topk import TopKCodec
 
-    return {TopKCodec.name: TopKCodec}
+    return {TopKCodec.name: TopKCodec, SampledCodec.name: SampledCodec, TopKSampledCodec.name: TopKSampledCodec}
 
 
 CODECS: dict[str, type[Codec]] = _registry()
