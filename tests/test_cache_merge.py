@@ -21,10 +21,10 @@ RECORDS = [
 ]
 
 
-def _build(out, records, *, teacher, shard_size=4, top_k=5, temperature=1.0, dtype="fp16"):
+def _build(out, records, *, teacher, shard_size=4, top_k=5, temperature=1.0, dtype="fp16", pack_ids=False):
     return build_cache(str(teacher), None, out, records=records, top_k=top_k, temperature=temperature,
                        max_length=48, shard_size=shard_size, batch_size=3, dtype=dtype, device="cpu",
-                       progress=False, log=lambda m: None)
+                       pack_ids=pack_ids, progress=False, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,11 @@ def test_merge_cli_and_refusals(tmp_path, slices, tiny_model_dir, tiny_student_d
     _build(other_t, RECORDS[:3], teacher=tiny_model_dir, temperature=2.0)
     other_teacher = tmp_path / "student"
     _build(other_teacher, RECORDS[:3], teacher=tiny_student_dir)
+    packed = tmp_path / "packed"  # same codec, k and dtypes; its ids are bit-packed: other bytes
+    _build(packed, RECORDS[:3], teacher=tiny_model_dir, pack_ids=True)
     capsys.readouterr()  # the builds' loading bars
     for bad, word in ((other_k, "different k"), (other_t, "different temperature"),
-                      (other_teacher, "different teacher")):
+                      (other_teacher, "different teacher"), (packed, "different codec params")):
         code, outs = run("cache", "merge", str(slices / "a"), str(bad), "--out", str(tmp_path / "no"))
         lines = [line for line in outs.err.strip().splitlines() if "kernels" not in line]
         assert code == 1 and len(lines) == 1 and word in lines[0], outs.err

@@ -39,10 +39,10 @@ from distill.errors import DistillError
 from distill.io import atomic_directory
 
 # Fields that must be equal for rows of two caches to mean the same thing (the teacher is compared
-# without its path).
+# without its path; the codec's parameters too: packed ids or another draw count are other bytes).
 MERGE_FIELDS = (
     "format_version", "codec", "teacher", "tokenizer_fingerprint", "tokenizer_length", "logits_width", "pad_id",
-    "k", "temperature", "value_dtype", "id_dtype",
+    "k", "temperature", "value_dtype", "id_dtype", "codec_params",  # the specific fields first: they name the cause
 )
 # Build figures that add up over the merged caches.
 _SUMMED_BUILD = ("truncated_samples", "truncated_tokens", "samples_without_trained_tokens")
