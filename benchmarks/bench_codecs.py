@@ -124,7 +124,11 @@ def sizes_at_large_vocab(gemma: str | None, rows: int = 256) -> dict:
         x = torch.cat(xs)[:rows]
         source = f"Gemma-3-270M ({gemma}), {x.shape[0]} positions of synthetic problems"
     else:
-        from distill.testing import tiny_llama, tiny_tokenizer
+        import pathlib
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))  # the tiny test models
+        from helpers import tiny_llama, tiny_tokenizer
 
         tok = tiny_tokenizer()
         model = tiny_llama(tok, seed=0, pad_vocab_to=V)

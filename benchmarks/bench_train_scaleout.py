@@ -61,7 +61,11 @@ def prepare(work: Path, student: str, samples: int, max_length: int) -> dict:
             model_dir = import_gguf(smollm2_gguf_path(), work / "smollm2")
             quant, desc = "nf4", "SmolLM2-135M-Instruct NF4 (double quant) + LoRA r=8 all-linear, gradient checkpointing"
     if student == "tiny":
-        from distill.testing import save_tiny_model
+        import pathlib
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))  # the tiny test models
+        from helpers import save_tiny_model
 
         model_dir = save_tiny_model(work / "tiny", seed=0, hidden_size=256, num_layers=4)
         quant, desc = "none", "tiny random Llama (hidden 256, 4 layers, vocab 320) + LoRA r=8"

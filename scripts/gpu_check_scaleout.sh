@@ -28,7 +28,8 @@ $PY - "$WORK" <<'EOF' || { echo "setup failed" >&2; exit 1; }
 import sys, torch
 from pathlib import Path
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from distill.testing import tiny_llama, tiny_tokenizer
+sys.path.insert(0, 'tests')  # the tiny test models (run from the repository root)
+from helpers import tiny_llama, tiny_tokenizer
 from teachers.cache_build import build_cache
 
 work = Path(sys.argv[1])

@@ -73,7 +73,7 @@ def _round_trip(codec, x, seeds, tmp_path):
 
 def _tiny_logits(R: int = 6):
     """Teacher (peaked) and student next-token logits of tiny random Llamas on a short text."""
-    from distill.testing import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer()
     ids = torch.tensor([tok("Tom has 3 apples and buys 4 more.")["input_ids"][:R]])
