@@ -22,9 +22,10 @@ higher precision, because its error goes straight into every logit. A matrix who
 multiple of the 32-value block falls back to F16.
 
 Tokenizer: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its merges, the pre-tokenizer named
-from the tokenizer's own pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe), added tokens as CONTROL
-(special) or USER_DEFINED, ids the model has but the tokenizer lacks as UNUSED padding, and the chat
-template. Other tokenizers and architectures are refused in one line.
+from the tokenizer's own pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe); or a SentencePiece-style
+byte-fallback BPE (Gemma, Llama 2: `tokenizer.ggml.model = llama`) with merge-rank scores. Added
+tokens are CONTROL (special) or USER_DEFINED, ids the model has but the tokenizer lacks UNUSED
+padding, and the chat template goes along. Other tokenizers and architectures are refused in one line.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from distill.errors import DistillError
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 # transformers model_type -> llama.cpp architecture name
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 
 # Pre-tokenizer regexes (Hugging Face `Split` patterns) whose llama.cpp name we know.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -66,6 +67,9 @@ def _file_type(gguf_type: str):
 def gguf_architecture(config) -> str:
     """llama.cpp's name for this model's architecture, or a one-line refusal."""
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if getattr(config, "model_type", None) == "gemma3":
+        raise DistillError("GGUF export of gemma3 takes the text model (Gemma3ForCausalLM, model_type gemma3_text); "
+                           "this student is the multimodal Gemma3ForConditionalGeneration")
     if arch is None:
         raise DistillError(f"GGUF export supports llama, qwen2 and gemma3 students, not {getattr(config, 'model_type', '?')!r}; "
                            "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
@@ -211,8 +215,51 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
                        "equivalent we know (gpt-2, smollm, qwen2, llama-bpe)")
 
 
+def _is_byte_fallback_bpe(tj: dict) -> bool:
+    """A SentencePiece-style BPE (Gemma, Llama 2): '▁' for spaces, <0xNN> byte tokens, byte fallback."""
+    model = tj.get("model") or {}
+    decoder = json.dumps(tj.get("decoder") or {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "ByteFallback" in decoder
+
+
+def _add_space_prefix(tj: dict) -> bool:
+    """Whether the tokenizer puts '▁' before the text (Llama 2's Metaspace / Prepend) -- Gemma does not."""
+    blob = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    return '"Prepend"' in blob or ('"Metaspace"' in blob and '"never"' not in blob and '"add_prefix_space": false' not in blob)
+
+
+def _token_table(tokenizer, n_vocab: int, normal_type, score=lambda i, tok: 0.0):
+    """(tokens, scores, types) for ids 0..n_vocab-1: added tokens CONTROL (special) or USER_DEFINED,
+    ids the tokenizer lacks UNUSED `[PADn]` rows, the rest typed by `normal_type(id, token)`."""
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > n_vocab:
+        raise DistillError(f"GGUF export: the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embeddings")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content), scores.append(0.0)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i]), scores.append(score(i, by_id[i])), types.append(normal_type(i, by_id[i]))
+    return tokens, scores, types
+
+
 def _add_tokenizer(writer, tokenizer, n_vocab: int, scratch: Path) -> dict:
-    """Vocabulary, merges, special ids, BOS/EOS flags and chat template; returns a short summary."""
+    """Vocabulary, merges or scores, special ids, BOS/EOS flags and chat template; returns a short summary.
+
+    Byte-level BPE becomes llama.cpp's `gpt2` vocabulary (tokens + merges + a named pre-tokenizer).
+    A byte-fallback BPE in SentencePiece style becomes its `llama` (SentencePiece) vocabulary: tokens,
+    BYTE-typed <0xNN> tokens, and scores = -(rank of the merge that makes the token), so that llama.cpp's
+    highest-score-first merging replays the BPE merge order.
+    """
+    import re
+
     import gguf
 
     tokenizer.save_pretrained(str(scratch))
@@ -222,43 +269,51 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, scratch: Path) -> dict:
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
     model = tj.get("model") or {}
     decoder = (tj.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        raise DistillError(f"GGUF export supports byte-level BPE tokenizers (GPT-2 style); this one is {model.get('type')} "
-                           f"with a {decoder} decoder{' and byte fallback' if model.get('byte_fallback') else ''}")
-    pre = _pre_tokenizer_name(tj)
-    vocab = tokenizer.get_vocab()
-    if len(vocab) > n_vocab:
-        raise DistillError(f"GGUF export: the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embeddings")
-    by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(scratch, load_merges=True, n_vocab=n_vocab)
+    if _is_byte_fallback_bpe(tj):
+        rank: dict[str, int] = {}
+        for m, pair in enumerate(model.get("merges") or []):
+            a, b = pair if isinstance(pair, list) else pair.split(" ", 1)
+            rank.setdefault(a + b, m)
+        byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+        def kind(i, tok):
+            return gguf.TokenType.BYTE if byte.fullmatch(tok) else gguf.TokenType.NORMAL
+
+        tokens, scores, types = _token_table(tokenizer, n_vocab, kind, lambda i, tok: -float(rank[tok]) if tok in rank else 0.0)
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN  # as SentencePiece marks it, even when "added"
+        tok_model, pre, space_prefix = "llama", "default", _add_space_prefix(tj)
+        writer.add_tokenizer_model(tok_model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(space_prefix)
+        special = gguf.SpecialVocab(scratch, load_merges=False, n_vocab=n_vocab)
+    elif model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
+        pre = _pre_tokenizer_name(tj)
+        tokens, _, types = _token_table(tokenizer, n_vocab, lambda i, tok: gguf.TokenType.NORMAL)
+        tok_model = "gpt2"
+        writer.add_tokenizer_model(tok_model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(scratch, load_merges=True, n_vocab=n_vocab)
+        if not special.merges:
+            raise DistillError("GGUF export: the tokenizer has no BPE merges; llama.cpp cannot tokenize without them")
+    else:
+        raise DistillError(f"GGUF export supports byte-level BPE (GPT-2 style) and byte-fallback BPE (SentencePiece style) "
+                           f"tokenizers; this one is {model.get('type')} with a {decoder} decoder")
     # Whether encoding adds BOS/EOS, read from what the tokenizer does rather than from flags.
     probe = tokenizer("a")["input_ids"]
     special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
     special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
-    for kind in ("bos", "eos", "pad", "unk"):
-        tid = getattr(tokenizer, f"{kind}_token_id", None)
+    for name in ("bos", "eos", "pad", "unk"):
+        tid = getattr(tokenizer, f"{name}_token_id", None)
         if tid is not None:
-            special.special_token_ids[kind] = int(tid)
-    if not special.merges:
-        raise DistillError("GGUF export: the tokenizer has no BPE merges; llama.cpp cannot tokenize without them")
+            special.special_token_ids[name] = int(tid)
     special.add_to_gguf(writer, quiet=True)
-    return {"tokenizer": "gpt2", "pre": pre, "tokens": n_vocab, "merges": len(special.merges),
+    return {"tokenizer": tok_model, "pre": pre, "tokens": n_vocab, "merges": len(special.merges),
             "chat_template": special.chat_template is not None}
 
 

@@ -6,6 +6,7 @@ initialised Llama), small enough that a test builds, saves and runs one in well 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -190,3 +191,25 @@ def tiny_gemma3(tokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: 
                 p.normal_(0.0, 0.3)
     model.eval()
     return model
+
+
+def tiny_spm_tokenizer(vocab_size: int = 400):
+    """A SentencePiece-style tokenizer as Gemma ships it (transformers' GemmaTokenizer): BPE with byte
+    fallback over '▁'-for-space text, <0x00>..<0xFF> byte tokens, no prefix space, BOS added; plus the
+    chat tags of `tiny_tokenizer`. Trained on the fly like it."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + bytes_, show_progress=False)
+    trainer_tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    tok = GemmaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:3]})
+    tok.add_tokens(SPECIAL_TOKENS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

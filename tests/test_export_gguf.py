@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.errors import DistillError
-from helpers import tiny_gemma3, tiny_llama, tiny_qwen2, tiny_tokenizer
+from helpers import tiny_gemma3, tiny_llama, tiny_qwen2, tiny_spm_tokenizer, tiny_tokenizer
 from students.export_gguf import agreement, write_gguf
 
 TEXT = "Question: what is 12 + 30? <think>12 + 30 = 42.</think> The answer is 42.<|im_end|>"
@@ -49,6 +49,29 @@ def test_f32_round_trip_is_exact(tmp_path, tok, arch):
     assert ("output.weight" in names) == (arch == "llama")  # tiny llama is untied, qwen2/gemma3 tied
     assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+
+
+def test_sentencepiece_style_vocabulary_for_gemma3(tmp_path):
+    """A Gemma-style tokenizer (byte-fallback BPE over '▁' text, <0xNN> byte tokens, BOS added)
+    becomes llama.cpp's `llama` vocabulary with merge-rank scores and BYTE-typed byte tokens."""
+    tok = tiny_spm_tokenizer()
+    model = tiny_gemma3(tok)
+    summary = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    assert summary["tokenizer"] == "llama"
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    vocab = tok.get_vocab()
+    assert types[vocab["<0x0A>"]] == gguf.TokenType.BYTE and types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    merged = [t for t in vocab if len(t) > 1 and not t.startswith("<") and scores[vocab[t]] < 0]
+    assert merged and all(scores[vocab[t]] > -len(vocab) for t in merged)  # -rank of the merge that makes it
+    loaded, gtok = _load(tmp_path / "m.gguf")
+    text = "Question: what is 12 + 30?  <think>café</think><|im_end|>"
+    assert gtok(text)["input_ids"] == tok(text)["input_ids"]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    assert (_logprobs(loaded, ids) - _logprobs(model, ids)).abs().max().item() < 1e-4
 
 
 def test_quantized_types_within_tolerance(tmp_path, tok):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_gemma3, tiny_llama, tiny_qwen2, tiny_tokenizer
+from helpers import tiny_gemma3, tiny_llama, tiny_qwen2, tiny_spm_tokenizer, tiny_tokenizer
 from students.export_gguf import write_gguf
 
 pytestmark = pytest.mark.llamacpp
@@ -29,13 +29,15 @@ def llama_cpp_installed():
 def _prompts(tok):
     chat = tok.apply_chat_template([{"role": "user", "content": "Tom has 13 apples and buys 4 more."}], tokenize=False,
                                    add_generation_prompt=True)
-    return [chat, "Question: what is 120 + 305? <think>", "Sara reads 20 pages each night.\n\nAfter 6 nights"]
+    return [chat, "Question: what is 120 + 305? <think>", "Sara reads 20 pages  each night, café.\n\nAfter 6 nights"]
 
 
-# Each architecture with a tokenizer of another family's pre-tokenization (llama.cpp must split the
-# text the same way) : llama + smollm digits, qwen2 + its split regex and NFC, gemma3 + gpt-2.
+# Each architecture with a tokenizer of some family's pre-tokenization (llama.cpp must split the
+# text the same way): llama + smollm digits, qwen2 + its split regex and NFC, gemma3 + gpt-2, and
+# the SentencePiece-style byte-fallback vocabulary (Gemma's kind) on gemma3 and llama.
 CASES = {"llama": (lambda tok: tiny_llama(tok, hidden_size=64), "smollm"), "qwen2": (tiny_qwen2, "qwen2"),
-         "gemma3": (tiny_gemma3, "gpt-2")}
+         "gemma3": (tiny_gemma3, "gpt-2"), "gemma3-spm": (tiny_gemma3, "spm"),
+         "llama-spm": (lambda tok: tiny_llama(tok, hidden_size=64), "spm")}
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))
@@ -46,10 +48,10 @@ def test_tiny_students_run_in_llamacpp(tmp_path, arch, kind):
     from students.gguf_check import compare
 
     build, pre = CASES[arch]
-    tok = tiny_tokenizer(pre=pre)
+    tok = tiny_spm_tokenizer() if pre == "spm" else tiny_tokenizer(pre=pre)
     model = build(tok)
     summary = write_gguf(model, tok, tmp_path / "m.gguf", kind)
-    assert summary["pre"] == pre
+    assert summary["pre"] == ("default" if pre == "spm" else pre)
     res = compare(model, tok, tmp_path / "m.gguf", _prompts(tok), new_tokens=12)
     assert res["all_tokens_equal"], res["prompts"]
     assert res["all_greedy_equal"], res["prompts"]
