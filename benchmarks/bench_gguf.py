@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "bench_gguf"
+QUICK_ARGS = ["--tiny", "--new-tokens", "4"]
 QUESTIONS = ["What is 7 times 8?", "Tom has 3 apples and buys 4 more. How many apples does he have?",
              "Name the capital of France.", "Write one sentence about the sea."]
 
