@@ -35,20 +35,16 @@ def chat_prompts(tokenizer) -> list[str]:
             for q in QUESTIONS]
 
 
-def transformers_vs_fp32(model, tokenizer, path: Path, prompts: list[str], new_tokens: int) -> dict:
+def transformers_vs_fp32(path: Path, refs) -> dict:
     """The file read back by transformers against the fp32 model, on prompt + fp32 greedy continuation."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from students.export_gguf import agreement
-    from students.gguf_check import hf_greedy, hf_logprobs
+    from students.gguf_check import hf_logprobs
 
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    rows = []
-    for text in prompts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        full = ids + hf_greedy(model, ids, new_tokens)
-        rows.append(agreement(hf_logprobs(model, full), hf_logprobs(loaded, full)))
+    rows = [agreement(ref_lp, hf_logprobs(loaded, ids + cont)) for ids, cont, ref_lp in refs]
     n = sum(r["positions"] for r in rows)
     return {"kl_mean": sum(r["kl_mean"] * r["positions"] for r in rows) / n, "kl_max": max(r["kl_max"] for r in rows),
             "top1": sum(r["top1"] * r["positions"] for r in rows) / n, "max_abs_logprob": max(r["max_abs_logprob"] for r in rows)}
@@ -56,6 +52,7 @@ def transformers_vs_fp32(model, tokenizer, path: Path, prompts: list[str], new_t
 
 def measure(model, tokenizer, workdir: Path, *, types=("f16", "q8_0", "q4_0"), new_tokens: int = 16, llamacpp: bool | None = None) -> dict:
     from students.export_gguf import write_gguf
+    from students.gguf_check import reference
 
     if llamacpp is None:
         try:
@@ -65,6 +62,7 @@ def measure(model, tokenizer, workdir: Path, *, types=("f16", "q8_0", "q4_0"), n
         except ImportError:
             llamacpp = False
     prompts = chat_prompts(tokenizer)
+    refs = reference(model, tokenizer, prompts, new_tokens)
     out = {}
     for kind in types:
         path = workdir / f"model-{kind}.gguf"
@@ -72,11 +70,11 @@ def measure(model, tokenizer, workdir: Path, *, types=("f16", "q8_0", "q4_0"), n
         summary = write_gguf(model, tokenizer, path, kind)
         entry = {"bytes": summary["bytes"], "write_seconds": round(time.perf_counter() - t0, 2),
                  "tensor_types": summary["tensor_types"],
-                 "transformers": transformers_vs_fp32(model, tokenizer, path, prompts, new_tokens)}
+                 "transformers": transformers_vs_fp32(path, refs)}
         if llamacpp:
             from students.gguf_check import compare
 
-            res = compare(model, tokenizer, path, prompts, new_tokens=new_tokens)
+            res = compare(model, tokenizer, path, prompts, new_tokens=new_tokens, refs=refs)
             entry["llamacpp"] = {k: v for k, v in res.items() if k not in ("file",)}
         out[kind] = entry
     return out

@@ -62,29 +62,47 @@ def hf_logprobs(model, ids: list[int]):
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """`n` greedy tokens after `ids` from a transformers model (full recompute each step: no cache subtleties)."""
+    """`n` greedy tokens after `ids` from a transformers model (argmax each step, never stopping at EOS,
+    as `llama_greedy` does)."""
     import torch
 
-    seq = list(ids)
+    out = []
     with torch.no_grad():
+        res = model(input_ids=torch.tensor([ids]), use_cache=True)
         for _ in range(n):
-            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            # transformers >= 5.24 names the cache `cache` (older: `past_key_values`)
+            past = res.get("cache", None) if hasattr(res, "get") else None
+            kwargs = {"cache": past} if past is not None else {"past_key_values": res.past_key_values}
+            res = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **kwargs)
+    return out
 
 
-def compare(model, tokenizer, gguf_path: str | Path, prompts: list[str], *, new_tokens: int = 16) -> dict:
-    """llama.cpp on `gguf_path` vs the transformers `model` on each prompt: tokens, greedy, log-probs."""
-    from students.export_gguf import agreement
-
-    llm = open_llama(gguf_path, n_ctx=max(256, 4 * new_tokens + 256))
-    rows = []
+def reference(model, tokenizer, prompts: list[str], new_tokens: int) -> list[tuple[list[int], list[int], object]]:
+    """Per prompt: (prompt ids, the model's greedy continuation, log-probs over both) -- computed once,
+    compared with several files."""
+    refs = []
     for text in prompts:
         ids = tokenizer.encode(text, add_special_tokens=False)
+        cont = hf_greedy(model, ids, new_tokens)
+        refs.append((ids, cont, hf_logprobs(model, ids + cont)))
+    return refs
+
+
+def compare(model, tokenizer, gguf_path: str | Path, prompts: list[str], *, new_tokens: int = 16, refs=None) -> dict:
+    """llama.cpp on `gguf_path` vs the transformers `model` on each prompt: tokens, greedy, log-probs.
+    `refs` (from `reference`) saves recomputing the model's side when several files are compared."""
+    from students.export_gguf import agreement
+
+    refs = refs or reference(model, tokenizer, prompts, new_tokens)
+    llm = open_llama(gguf_path, n_ctx=max(256, 4 * new_tokens + 256))
+    rows = []
+    for text, (ids, hf_out, ref_lp) in zip(prompts, refs):
         same_tokens = llama_tokenize(llm, text) == ids
-        hf_out, cpp_out = hf_greedy(model, ids, new_tokens), llama_greedy(llm, ids, new_tokens)
-        # Log-probs over the prompt AND the continuation both produced (teacher-forced on the HF one).
-        full = ids + hf_out
-        res = agreement(hf_logprobs(model, full), llama_logprobs(llm, full))
+        cpp_out = llama_greedy(llm, ids, new_tokens)
+        # Log-probs over the prompt AND the continuation (teacher-forced on the transformers one).
+        res = agreement(ref_lp, llama_logprobs(llm, ids + hf_out))
         first_diff = next((i for i, (a, b) in enumerate(zip(hf_out, cpp_out)) if a != b), None)
         rows.append({"prompt": text[:60], "tokens_equal": same_tokens, "greedy_equal": hf_out == cpp_out,
                      "greedy_first_difference": first_diff, **res})
