@@ -147,3 +147,36 @@ def test_smollm2_q8_0_matches(tmp_path, smollm2_dir):
     ids = torch.tensor([tok.encode(chat + "7 times 8 is 56.")])
     res = agreement(_logprobs(model, ids), _logprobs(loaded, ids))
     assert res["top1"] >= 0.95 and res["kl_mean"] < 5e-3, res
+
+
+def test_export_run_writes_gguf_of_the_merged_student(kd_pair, tmp_path):
+    """`distill export RUN --format gguf` = the fp32 merge (base + trained adapters) as one file: its
+    logits match the merged safetensors export, and a wrong --out is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from students.export import export_run
+    from students.train import TrainConfig, train
+
+    _, student, cache = kd_pair
+    run = tmp_path / "run"
+    train(TrainConfig(student=str(student), cache=str(cache), out=str(run), quant="nf4", lora_r=8, lora_alpha=16,
+                      lora_dropout=0.0, lr=3e-2, steps=3, batch_size=8, eval_every=0, save_every=0, progress=False))
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "merged", format="merged", dtype="fp32")["out"])
+    repo = Path(__file__).resolve().parents[1]
+    cli = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "export", str(run), "--format", "gguf",
+                          "--gguf-type", "f16", "--out", str(tmp_path / "student-f16.gguf")], cwd=repo, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "exported llama GGUF (f16" in cli.stdout
+    loaded, _ = _load(tmp_path / "student-f16.gguf")
+    tok = AutoTokenizer.from_pretrained(str(student))
+    ids = torch.tensor([tok.encode(TEXT)])
+    res = agreement(_logprobs(merged, ids), _logprobs(loaded, ids))
+    assert res["max_abs_logprob"] < 2e-3 and res["top1"] == 1.0, res
+    reader = gguf.GGUFReader(str(tmp_path / "student-f16.gguf"))
+    assert "forward-kl" in reader.fields["general.description"].contents()
+    with pytest.raises(DistillError, match="must name the .gguf file"):
+        export_run(run, tmp_path / "somedir", format="gguf")
+    with pytest.raises(DistillError, match="already exists"):
+        export_run(run, tmp_path / "student-f16.gguf", format="gguf", gguf_type="f16")
