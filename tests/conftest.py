@@ -103,3 +103,17 @@ def require_smollm2() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def pytest_collection_modifyitems(config, items):
+    """llama.cpp tests run only when asked for by name (`-m llamacpp`): pyproject's addopts deselect
+    them by default, and this keeps another `-m` (say `-m slow`) from pulling them in without the
+    optional llama-cpp-python build."""
+    if "llamacpp" in (config.option.markexpr or ""):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("llamacpp") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
