@@ -1,4 +1,4 @@
-"""GGUF export quality: f16 / q8_0 / q4_0 files against the fp32 model they were written from.
+"""GGUF export quality: f16 / q8_0 / q4_1 / q4_0 files against the fp32 model they were written from.
 
 For each type, two readers of the same file: transformers (`gguf_file=`, dequantized to fp32) and,
 when llama-cpp-python is installed (scripts/check_llamacpp.sh), the llama.cpp runtime itself. Each
@@ -50,7 +50,8 @@ def transformers_vs_fp32(path: Path, refs) -> dict:
             "top1": sum(r["top1"] * r["positions"] for r in rows) / n, "max_abs_logprob": max(r["max_abs_logprob"] for r in rows)}
 
 
-def measure(model, tokenizer, workdir: Path, *, types=("f16", "q8_0", "q4_0"), new_tokens: int = 16, llamacpp: bool | None = None) -> dict:
+def measure(model, tokenizer, workdir: Path, *, types=("f16", "q8_0", "q4_1", "q4_0"), new_tokens: int = 16,
+            llamacpp: bool | None = None) -> dict:
     from students.export_gguf import write_gguf
     from students.gguf_check import reference
 
@@ -84,6 +85,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random llama instead of SmolLM2")
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--types", default="f16,q8_0,q4_1,q4_0", help="comma-separated GGUF types")
     args = ap.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
 
             tokenizer = tiny_tokenizer()
             model = tiny_llama(tokenizer, hidden_size=64)
-        results = measure(model, tokenizer, tmp, new_tokens=args.new_tokens)
+        results = measure(model, tokenizer, tmp, types=tuple(args.types.split(",")), new_tokens=args.new_tokens)
     report = {"benchmark": NAME, "model": name, "new_tokens": args.new_tokens, "prompts": len(QUESTIONS), "types": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")

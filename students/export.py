@@ -13,7 +13,7 @@ at load time).
 Both write into a temporary directory that is renamed into place, with a model card (README.md).
 
 `gguf`: the same fp32 merge written as ONE .gguf file for llama.cpp and the runtimes built on it
-(students/export_gguf.py), in f16, q8_0 or q4_0 (`gguf_type`); `out` is the file.
+(students/export_gguf.py), in f16, q8_0, q4_1 or q4_0 (`gguf_type`); `out` is the file.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from distill.errors import DistillError
 from distill.io import atomic_directory
 from distill.models.devices import DTYPE_NAMES as DTYPES
 from distill.options import option, validate
+from students.export_gguf import GGUF_TYPES  # the tensor types the GGUF writer knows, declared there
 
 FORMATS = ("merged", "bnb-4bit", "gguf")
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # the tensor types students/export_gguf.py writes
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ExportConfig:
     format: str = option("merged", "merged (bf16/fp16 safetensors), bnb-4bit (loads straight into NF4) or gguf "
                          "(one file for llama.cpp).", choices=FORMATS)
     dtype: str = option("bf16", "Weights dtype (merged) or compute dtype (bnb-4bit).", choices=tuple(DTYPES))
-    gguf_type: str = option("q8_0", "Tensor type of --format gguf: f16, q8_0, q4_0 (or f32).", choices=GGUF_TYPES)
+    gguf_type: str = option("q8_0", "Tensor type of --format gguf: f16, q8_0, q4_1, q4_0 (or f32).", choices=GGUF_TYPES)
     checkpoint: str | None = option(None, "Export a checkpoint (step-XXXXXX or latest) instead of final/.")
 
 

@@ -16,8 +16,8 @@ converter applies:
 * tied embeddings: no `output.weight` tensor; llama.cpp then uses `token_embd` for the head.
 
 Tensor types: 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them. `f16`
-stores every matrix in F16; `q8_0` in Q8_0; `q4_0` in Q4_0 except the output head (or the tied
-embedding, which is the head), kept in Q8_0 -- llama.cpp's own quantizer also keeps the head at
+stores every matrix in F16; `q8_0` in Q8_0; `q4_0` / `q4_1` in Q4_0 / Q4_1 except the output head
+(or the tied embedding, which is the head), kept in Q8_0 -- llama.cpp's own quantizer also keeps the head at
 higher precision, because its error goes straight into every logit. A matrix whose rows are not a
 multiple of the 32-value block falls back to F16.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 # transformers model_type -> llama.cpp architecture name
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 
@@ -54,14 +54,16 @@ def _qtype(gguf_type: str):
     import gguf
 
     return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[gguf_type]
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}[gguf_type]
 
 
 def _file_type(gguf_type: str):
     import gguf
 
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type]
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type]
 
 
 def gguf_architecture(config) -> str:
@@ -375,7 +377,7 @@ def _tensor_qtype(name: str, data, gguf_type: str, tied: bool):
     if data.ndim <= 1 or name == "rope_freqs.weight":
         return gguf.GGMLQuantizationType.F32
     qtype = _qtype(gguf_type)
-    if gguf_type == "q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+    if gguf_type in ("q4_0", "q4_1") and (name == "output.weight" or (tied and name == "token_embd.weight")):
         qtype = gguf.GGMLQuantizationType.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:

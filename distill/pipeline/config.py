@@ -87,7 +87,7 @@ class BenchSection(BenchConfig):
 @dataclass
 class GgufSection:
     type: str = option("", "Also write the trained student as one GGUF file for llama.cpp / Ollama / LM Studio: "
-                           "f16, q8_0, q4_0 or f32; empty: skip.", choices=("",) + GGUF_TYPES)
+                           "f16, q8_0, q4_1, q4_0 or f32; empty: skip.", choices=("",) + GGUF_TYPES)
 
 
 # ------------------------------------------------------------------------------------------ sections
