@@ -83,5 +83,8 @@ def test_smollm2_types_in_llamacpp(tmp_path, smollm2_dir):
     f16, q8, q41, q40 = cpp["f16"], cpp["q8_0"], cpp["q4_1"], cpp["q4_0"]
     assert f16["all_greedy_equal"] and f16["max_abs_logprob"] < 0.15 and f16["kl_mean"] < 1e-4  # measured 0.038, 1.0e-5
     assert q8["greedy_token_agreement"] >= 0.6 and q8["top1"] >= 0.85 and q8["kl_mean"] < 0.02  # 0.88, 0.95, 6.4e-3
-    assert q41["top1"] >= 0.7 and q41["kl_mean"] < 0.25
+    # SmolLM2's packaged weights are Q4_1 already, so the q4_1 file holds them exactly: what is left
+    # is llama.cpp's own 8-bit rounding of activations in its Q4_1 dot products (measured KL 4.1e-3).
+    assert q41["all_greedy_equal"] and q41["top1"] >= 0.95 and q41["kl_mean"] < 0.015
+    assert res["q4_1"]["transformers"]["kl_mean"] < 1e-6
     assert q40["top1"] >= 0.5 and q40["kl_mean"] < 1.5  # 0.66, 0.59
