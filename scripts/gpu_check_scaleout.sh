@@ -29,16 +29,18 @@ import sys, torch
 from pathlib import Path
 from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, 'tests')  # the tiny test models (run from the repository root)
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_tokenizer
 from teachers.cache_build import build_cache
 
 work = Path(sys.argv[1])
 tok = tiny_tokenizer()
-teacher = tiny_llama(tok, seed=0, hidden_size=64)
+# Teacher and student both Qwen2 models: transformers picks the tokenizer class from the model type,
+# and the cache's tokenizer fingerprint must match the student's.
+shape = dict(num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2, **shape))
 teacher.save_pretrained(work / "teacher"); tok.save_pretrained(work / "teacher")
-cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
-                  tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, **shape)
 torch.manual_seed(0)
 with torch.device("cuda"):
     student = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -78,8 +80,11 @@ $PY - "$WORK" "$OUT/gpu_check_scaleout.json" "$NGPU" <<'EOF'
 import json, statistics, subprocess, sys
 from pathlib import Path
 work, out, ngpu = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip().splitlines()
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+except OSError:
+    gpu = []
 result = {"gpus": gpu, "processes": ngpu, "runs": {}}
 for rc_file in sorted(work.glob("*.rc")):
     name = rc_file.stem
