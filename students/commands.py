@@ -44,6 +44,10 @@ def _export(cfg: ExportConfig) -> None:
     from students.export import export_run
 
     summary = export_run(**vars(cfg))
+    if summary["format"] == "gguf":
+        typer.echo(f"exported {summary['architecture']} GGUF ({summary['gguf_type']}, "
+                   f"{summary['bytes'] / 2**20:.1f} MiB) to {summary['out']}")
+        return
     typer.echo(f"exported {summary['format']} ({summary['dtype']}) model to {summary['out']}")
 
 
