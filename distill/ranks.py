@@ -1,7 +1,7 @@
 """Which process this is and how many there are, for commands that split their work across processes.
 
 `distill cache build`, `distill teacher generate`, `distill bench` and `distill run` run as one process
-by default. Started N times by `accelerate launch --num_processes N` (torchrun under it, or MPI), each
+by default. Started N times by `accelerate launch --multi_gpu --num_processes N` (torchrun under it, or MPI), each
 process learns its rank here and takes its share of the work: item i of a list of work units goes to
 rank i % N (`Ranks.take`). Nothing here is a launcher or a collective of our own: the process group is
 accelerate's `PartialState` (torch.distributed under it: NCCL between GPUs, gloo on CPUs), and the

@@ -19,7 +19,7 @@ identity and build information in the manifest.
 Shard j always holds samples [j*shard_size, (j+1)*shard_size) in data order; inside a shard, samples are
 batched by length (little padding). Batching is a pure function of the shard's samples and the options,
 so a resumed build computes exactly what an uninterrupted one would have, and the shard's content does
-not depend on which process computed it. Under `accelerate launch --num_processes N` the shards still to
+not depend on which process computed it. Under `accelerate launch --multi_gpu --num_processes N` the shards still to
 do are dealt out round robin (`distill.ranks`): N processes build the cache a one-process build makes.
 """
 
@@ -192,6 +192,11 @@ def prepare_build(cfg: CacheBuildConfig, *, records=None, ranks: Ranks | None = 
     max_length, shard_size = cfg.max_length, cfg.shard_size
     samples, cut = _encode_samples(tok, records, max_length)
     n = len(samples)
+    if n and cut["samples_without_trained_tokens"] == n:
+        # A cache of prompts only trains nothing: the student's loss would be 0 at every step.
+        longest = max(len(encode_record(tok, rec)[0]) for rec in records)
+        raise DistillError(f"none of the {n} sequences keeps a completion token within --max-length {max_length} "
+                           f"(the longest is {longest} tokens); raise --max-length or shorten the prompts")
 
     teacher_backend.load()
     width = teacher_backend.logits_width

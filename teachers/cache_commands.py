@@ -61,7 +61,7 @@ def register(cache_app: typer.Typer, teacher_app: typer.Typer) -> None:
     def build(cfg: CacheBuildConfig) -> None:
         """Run a teacher over a data set and cache its next-token distributions (resumable).
 
-        Under `accelerate launch --num_processes N` the N processes share the shards (docs/scale-out.md).
+        Under `accelerate launch --multi_gpu --num_processes N` the N processes share the shards (docs/scale-out.md).
         """
         from teachers.cache_build import build_cache
 

@@ -15,7 +15,7 @@ from teachers.generate import GenerateConfig
 def generate(cfg: GenerateConfig) -> None:
     """Sample reasoning traces from a teacher (resumable; progress bar with tokens/s).
 
-    Under `accelerate launch --num_processes N` the N processes share the problems (docs/scale-out.md)."""
+    Under `accelerate launch --multi_gpu --num_processes N` the N processes share the problems (docs/scale-out.md)."""
     from teachers.generate import generate_traces
 
     summary = generate_traces(**vars(cfg))

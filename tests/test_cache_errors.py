@@ -218,3 +218,12 @@ def test_missing_teacher_path_fails_without_the_hub(tmp_path, monkeypatch):
     with pytest.raises(DistillError, match="teacher org/model does not load: offline"):
         load_model("org/model", what="teacher", device="cpu")
     assert calls == ["org/model"]
+
+
+def test_a_cache_without_any_completion_token_is_refused(tmp_path, tiny_model_dir, data, capsys):
+    """Prompts longer than --max-length leave no trained position: the build refuses instead of writing a
+    cache on which every training step has loss 0."""
+    out = tmp_path / "cache"
+    code, _, err = _run(capsys, _build_args(tiny_model_dir, data, out, "--max-length", "4"))
+    _assert_one_line_error(code, err, "none of the 5 sequences", "--max-length 4")
+    assert not out.exists()

@@ -38,7 +38,7 @@ batch_size = 4
 keep = "all"
 [cache]
 top_k = 8
-max_length = 160
+max_length = 352
 [student]
 keep_layers = "first:1"
 [train]

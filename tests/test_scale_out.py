@@ -237,14 +237,35 @@ run_stages(config, [s for s in STAGES if s.name in sys.argv[3].split(",")])
 """
 
 
-def test_pipeline_stages_on_two_processes_equal_one(tmp_path, tiny_model_dir):
-    """The rank-aware stage runner: the stages up to the caches, on 2 processes and on 1, give the same files."""
-    from test_pipeline import tiny_config
+def _sharp_teacher(directory: Path) -> Path:
+    """The tiny teacher with its weights x8: peaked distributions whose second layer matters (a student cut
+    to its first layer starts at KL ~0.3 instead of ~1e-6, where gradients would be at rounding level and
+    Adam would turn the rounding of a 2-process split into differences of a fraction of lr)."""
+    from helpers import save_tiny_model
+    from transformers import AutoModelForCausalLM
 
-    config = tiny_config(tmp_path, tiny_model_dir)
+    save_tiny_model(directory, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_pipeline_stages_on_two_processes_equal_one(tmp_path, tiny_model_dir):
+    """The rank-aware stage runner: the stages up to training, on 2 processes and on 1, give the same files,
+    the same logged training losses and the same adapters."""
+    from test_pipeline import tiny_config
+    from test_train_multiprocess import _assert_same_training, _assert_written_once
+
+    config = tiny_config(tmp_path, _sharp_teacher(tmp_path / "sharp-teacher"))
+    text = config.read_text().replace("steps = 3", "steps = 5\nlora_dropout = 0.0")  # >= 5 steps; dropout draws differ per process
+    config.write_text(text)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    names = "teacher,generate,filter,cache,heldout"
+    names = "teacher,generate,filter,cache,heldout,student,train"
     runs = {}
     for nproc in (1, 2):
         run = tmp_path / f"run{nproc}"
@@ -261,9 +282,11 @@ def test_pipeline_stages_on_two_processes_equal_one(tmp_path, tiny_model_dir):
         assert_same_samples(two / cache, one / cache)
         _no_leftovers(two / cache)
     assert sorted(p.name for p in (two / "stages").iterdir()) == sorted(f"{n}.json" for n in names.split(","))
+    _assert_written_once(two / "train")
+    _assert_same_training(one / "train", two / "train")
     again = subprocess.run(launch_script(2, driver, str(config), str(two), names), cwd=ROOT,
                            env=_env(), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 5, again.stderr[-3000:]
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 7, again.stderr[-3000:]
 
 
 def test_bench_on_two_processes_equals_one(tmp_path, tiny_model_dir):

@@ -128,23 +128,25 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
 
 
-def _assert_same_training(one: Path, two: Path, *, rel: float = 1e-4, adapter_atol: float = 1e-6) -> float:
+def _assert_same_training(one: Path, two: Path, *, rel: float = 1e-4, adapter_atol: float = 1e-6,
+                          floor: float = 1e-12) -> float:
     """Step by step the same global losses and statistics, the same held-out figures and adapters.
-    Returns the largest relative difference of a logged loss."""
+    `floor`: losses are compared relative to at least this (a student cut from its teacher starts at a
+    KL of ~1e-6, where float rounding alone is a relative 1e-3). Returns the largest relative difference."""
     r1, r2 = _records(one, "train"), _records(two, "train")
     assert [r["step"] for r in r2] == [r["step"] for r in r1] and len(r1) >= 5
     worst = 0.0
     for a, b in zip(r1, r2):
         assert (b["valid_tokens"], b["tokens"]) == (a["valid_tokens"], a["tokens"])  # every row once, counted once
         for key in ("loss", "kd", "kl"):
-            diff = abs(b[key] - a[key]) / max(abs(a[key]), 1e-12)
+            diff = abs(b[key] - a[key]) / max(abs(a[key]), floor)
             assert diff < rel, (key, a["step"], a[key], b[key])
-        worst = max(worst, abs(b["loss"] - a["loss"]) / abs(a["loss"]))
+        worst = max(worst, abs(b["loss"] - a["loss"]) / max(abs(a["loss"]), floor))
         assert b["top1_agreement"] == pytest.approx(a["top1_agreement"], abs=1e-9)
     e1, e2 = _records(one, "eval"), _records(two, "eval")
     assert [e["step"] for e in e2] == [e["step"] for e in e1]
     for a, b in zip(e1, e2):
-        assert b["eval_tokens"] == a["eval_tokens"] and b["eval_kl"] == pytest.approx(a["eval_kl"], rel=rel)
+        assert b["eval_tokens"] == a["eval_tokens"] and b["eval_kl"] == pytest.approx(a["eval_kl"], rel=rel, abs=rel * floor)
     w1, w2 = _adapter(one), _adapter(two)
     assert w1.keys() == w2.keys()
     for name in w1:

@@ -155,7 +155,7 @@ def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool 
     `settings` are the other `BenchConfig` fields (out, task, samples, ...): their defaults and checks
     live there, once for the CLI, the run config and this call.
 
-    Under `accelerate launch --num_processes N` (`ranks`, default: what the launcher says) every
+    Under `accelerate launch --multi_gpu --num_processes N` (`ranks`, default: what the launcher says) every
     process loads each model and generates its share of the batches (dealt round robin, the batches of
     a one-process run); the main process gathers the completions, scores them, measures agreement and
     writes the report. Every process returns the results.

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         """Run every stage of CONFIG: teacher, generate, filter, cache, student, train, export, bench.
 
         Finished stages are skipped, interrupted ones resume: rerun the same command after a crash.
-        On several processes: `accelerate launch --num_processes N $(which distill) run CONFIG` (docs/scale-out.md).
+        On several processes: `accelerate launch --multi_gpu --num_processes N $(which distill) run CONFIG` (docs/scale-out.md).
         """
         cfg = load_config(config)
         if out is not None:

@@ -7,7 +7,7 @@ the stages themselves resume (trace generation, cache build and training each pi
 run stopped). A marker whose hash differs means the config changed under a finished output: that is
 refused in one line rather than silently mixing two configurations in one run folder.
 
-Under `accelerate launch --num_processes N ... distill run CONFIG` every process walks the same stages.
+Under `accelerate launch --multi_gpu --num_processes N ... distill run CONFIG` every process walks the same stages.
 A `parallel` stage (trace generation, cache builds, training, benchmark) runs on every process, which
 share its work; any other stage runs on the main process while the others wait. Only the main process
 decides what is skipped and writes the run folder's own files (config.json, the stage markers), so
