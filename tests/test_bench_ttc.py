@@ -1,0 +1,172 @@
+"""Test-time compute: several scorers combined, the teacher as verifier, token accounting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distill.bench.scorers import ScorerSpec, make_scorers, parse_scorer_specs
+from distill.bench.selection import Sample, select_best_of_n, select_weighted
+from distill.errors import DistillError
+from distill.models.sampling import Completion
+
+SYSTEM = "Solve it."
+
+
+def C(text, lp=-0.5, n=3):
+    return Completion(text=text, num_tokens=n, mean_logprob=lp, finished=True)
+
+
+def test_scorer_specs_grammar():
+    specs = parse_scorer_specs(["self:0.5", "teacher=/m/t", "teacher-sum=/m/t:2", "rm=/m/rm:0", "/m/other"])
+    assert specs == [ScorerSpec("self", "self", None, 0.5), ScorerSpec("teacher", "teacher", "/m/t", 1.0),
+                     ScorerSpec("teacher-sum", "teacher-sum", "/m/t", 2.0), ScorerSpec("rm", "reward-model", "/m/rm", 0.0),
+                     ScorerSpec("/m/other", "reward-model", "/m/other", 1.0)]
+    assert specs[1].cost_key == specs[2].cost_key != specs[3].cost_key  # mean and sum share one prefill
+    assert parse_scorer_specs("self") == [ScorerSpec("self", "self", None, 1.0)]
+    for bad, msg in ((["self", "self:2"], "given twice"), (["self:0"], "at least one"), (["=x"], "malformed"),
+                     (["self:-1"], "finite number >= 0"), ([""], "empty")):
+        with pytest.raises(DistillError, match=msg):
+            parse_scorer_specs(bad)
+
+
+def test_bad_scorer_fails_before_any_model_loads(tmp_path):
+    from distill.bench.runner import run_bench
+
+    with pytest.raises(DistillError, match="given twice"):
+        run_bench(["m=/nonexistent"], out=tmp_path / "o", samples=2, scorer=["a=self", "a=self:2"])
+
+
+def _dense_logprobs(model_dir, question, text):
+    """The reference: one plain forward of prompt + completion, log_softmax, the completion's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.models.sampling import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    p = tok(format_prompt(tok, question, SYSTEM), add_special_tokens=False)["input_ids"]
+    c = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + c])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(p) - 1:len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None])[:, 0]
+    return len(p), c, lp.tolist()
+
+
+def test_teacher_logprobs_equal_a_dense_forward(tiny_model_dir):
+    """Batched (padded, rows of several lengths) prefills through the backend = one dense forward each."""
+    from distill.bench.verifier import TeacherLogprobs
+
+    pairs = [("What is 3 + 4?", "3 + 4 = 7. The answer is 7."), ("Sara reads 20 pages.", "120 pages"),
+             ("What is 3 + 4?", "The answer is 12."), ("Ten pens cost $20.", "")]
+    verifier = TeacherLogprobs(str(tiny_model_dir), system_prompt=SYSTEM, batch_size=3)
+    got = verifier.score([q for q, _ in pairs], [t for _, t in pairs])
+    for (q, t), g in zip(pairs, got):
+        if not t:
+            assert g.ids == () and g.mean == float("-inf") and g.sum == 0.0
+            continue
+        plen, ids, ref = _dense_logprobs(tiny_model_dir, q, t)
+        assert g.prompt_tokens == plen and list(g.ids) == ids and g.tokens == plen + len(ids)
+        assert g.logprobs == pytest.approx(ref, abs=1e-4)
+        assert g.sum == pytest.approx(sum(ref), abs=1e-3) and g.mean == pytest.approx(sum(ref) / len(ref), abs=1e-4)
+        assert "".join(t[a:b] for a, b in g.offsets) == t  # offsets cover the text: steps map to tokens
+
+
+def test_scorer_weights_decide_the_winner(tiny_model_dir):
+    """Hand-made candidates: `self` prefers answer 7, the teacher prefers the other text; the weights
+    of the combination decide, and the combined weight is exactly sum_k WEIGHT_k * weight_k."""
+    texts = ["3 + 4 = 7. The answer is 7.", "The answer is 12."]
+    q = ["What is 3 + 4?"] * 2
+    probe = make_scorers(["teacher=" + str(tiny_model_dir)], system_prompt=SYSTEM)
+    t_w = [s.weight for s in probe.evaluate(q, [C(t) for t in texts])[1]]
+    assert t_w[0] != t_w[1]
+    teacher_pick = 0 if t_w[0] > t_w[1] else 1
+    # self's weights, by hand: the opposite preference, by a margin the weights can overturn
+    lps = [-0.1, -2.0] if teacher_pick == 1 else [-2.0, -0.1]
+    comps = [C(t, lp) for t, lp in zip(texts, lps)]
+    answers = ["7", "12"]
+    picks = {}
+    # the exchange rate at which the two preferences balance: 10x past it the teacher wins, 10x short self does
+    rate = abs(math.exp(lps[0]) - math.exp(lps[1])) / abs(t_w[0] - t_w[1])
+    big, small = 10 * rate, 0.1 * rate
+    for ws, wt in ((1.0, 0.0), (0.0, 1.0), (1.0, big), (1.0, small)):
+        sset = make_scorers([f"self:{ws}", f"teacher={tiny_model_dir}:{wt}"], system_prompt=SYSTEM)
+        each, combined = sset.evaluate(q, comps)
+        for i in range(2):
+            assert combined[i].weight == pytest.approx(ws * math.exp(lps[i]) + wt * each["teacher"][i].weight)
+            assert combined[i].tokens == each["teacher"][i].tokens > 0 and each["self"][i].tokens == 0
+        samples = [Sample(a, a == "7", s.weight) for a, s in zip(answers, combined)]
+        picks[(ws, wt)] = (select_best_of_n(samples), select_weighted(samples))
+    self_pick = answers[1 - teacher_pick]
+    assert picks[(1.0, 0.0)] == (self_pick, self_pick) and picks[(1.0, small)] == (self_pick, self_pick)
+    assert picks[(0.0, 1.0)] == (answers[teacher_pick],) * 2 and picks[(1.0, big)] == (answers[teacher_pick],) * 2
+
+
+def test_weighted_sum_over_samples_and_scorers():
+    """Weighted best-of-N over samples: two weak votes for one answer beat one strong vote, or not,
+    as the scorer weights say (hand-made weights: only the sums matter)."""
+    strong_a = [Sample("a", True, 0.9), Sample("b", False, 0.5), Sample("b", False, 0.5)]
+    assert select_best_of_n(strong_a) == "a" and select_weighted(strong_a) == "b"
+
+
+def test_teacher_sum_is_relative_likelihood(tiny_model_dir):
+    sset = make_scorers([f"teacher-sum={tiny_model_dir}", f"teacher={tiny_model_dir}:0"], system_prompt=SYSTEM)
+    texts = ["3 + 4 = 7. The answer is 7.", "The answer is 12.", "7"]
+    each, _ = sset.evaluate(["What is 3 + 4?"] * 3, [C(t) for t in texts])
+    sums = [s.extra["teacher_sum_logprob"] for s in each["teacher-sum"]]
+    assert [s.weight for s in each["teacher-sum"]] == pytest.approx([math.exp(x - max(sums)) for x in sums])
+    assert max(s.weight for s in each["teacher-sum"]) == 1.0
+    means = [s.extra["teacher_mean_logprob"] for s in each["teacher"]]
+    assert [s.weight for s in each["teacher"]] == pytest.approx([math.exp(m) for m in means])
+    assert len(sset._shared) == 1  # one teacher loaded for both
+
+
+def test_bench_with_two_scorers_reports_each_and_the_tokens(tiny_model_dir, tiny_student_dir, tmp_path):
+    """End to end: the combination and each scorer's own columns, token costs per rule that can be
+    recounted from samples.jsonl, and the accuracy-vs-tokens JSON and PNG."""
+    from distill.bench.runner import run_bench
+    from distill.bench.selection import is_correct, normalise_answer
+
+    out = tmp_path / "o"
+    res = run_bench([f"s={tiny_student_dir}"], task="synthetic", limit=3, samples=2, out=out, max_new_tokens=8,
+                    scorer=["self:1", f"teacher={tiny_model_dir}:2"], select="greedy,majority,best-of-n,weighted",
+                    progress=False, batch_size=4)
+    m = res["models"][0]
+    keys = ["greedy", "majority", "best-of-n", "weighted-best-of-n", "best-of-n[self]", "weighted-best-of-n[self]",
+            "best-of-n[teacher]", "weighted-best-of-n[teacher]"]
+    assert res["settings"]["columns"] == keys and set(m["accuracy"]) == set(keys)
+    records = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [r for r in records if r["kind"] == "sample"]
+    greedy = [r for r in records if r["kind"] == "greedy"]
+    by_id: dict = {}
+    for r in samples:
+        by_id.setdefault(r["id"], []).append(r)
+        assert r["score"] == pytest.approx(r["scores"]["self"]["weight"] + 2 * r["scores"]["teacher"]["weight"])
+        assert r["scorer_tokens"] == r["scores"]["teacher"]["tokens"] > r["scores"]["teacher"]["teacher_tokens"]
+    for key in keys[2:]:
+        rule, _, who = key.partition("[")
+        who = who.rstrip("]")
+        rows = [[Sample(normalise_answer(r["answer"]), r["correct"], r["scores"][who]["weight"] if who else r["score"])
+                 for r in v] for v in by_id.values()]
+        assert sum(is_correct(rule, v) for v in rows) == m["accuracy"][key]["correct"]
+    # token accounting: recount from the records
+    comp = m["compute"]
+    assert comp["greedy"][0]["generated_tokens"] == pytest.approx(sum(r["num_tokens"] for r in greedy) / 3)
+    gen2 = sum(r["num_tokens"] for r in samples) / 3
+    teacher2 = sum(r["scores"]["teacher"]["tokens"] for r in samples) / 3
+    assert [p["samples"] for p in comp["majority"]] == [1, 2] and comp["majority"][0]["n"] == 3
+    assert comp["majority"][1]["generated_tokens"] == pytest.approx(gen2) and comp["majority"][1]["scorer_tokens"] == 0
+    for key in ("best-of-n", "best-of-n[teacher]"):
+        assert comp[key][1]["scorer_tokens"] == pytest.approx(teacher2)
+        assert comp[key][1]["total_tokens"] == pytest.approx(gen2 + teacher2)
+    assert comp["best-of-n[self]"][1]["scorer_tokens"] == 0
+    first = [v[0] for v in by_id.values()]
+    assert comp["best-of-n"][0]["scorer_tokens"] == pytest.approx(sum(r["scores"]["teacher"]["tokens"] for r in first) / 3)
+    curves = json.loads((out / "accuracy_vs_tokens.json").read_text())
+    assert curves["curves"]["s"] == comp
+    assert (out / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "results.md").read_text()
+    assert "best-of-2[teacher]" in md and "Accuracy at equal compute" in md
