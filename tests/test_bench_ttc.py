@@ -170,3 +170,56 @@ def test_bench_with_two_scorers_reports_each_and_the_tokens(tiny_model_dir, tiny
     assert (out / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "results.md").read_text()
     assert "best-of-2[teacher]" in md and "Accuracy at equal compute" in md
+
+
+def test_split_steps_modes():
+    from distill.bench.steps import split_steps
+
+    def parts(text, mode):
+        spans = split_steps(text, mode)
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # the steps tile the text
+        return [text[a:b] for a, b in spans]
+
+    lines = "3 + 4 = 7\n\n7 * 2 = 14\nThe answer is 14."
+    assert parts(lines, "lines") == ["3 + 4 = 7\n\n", "7 * 2 = 14\n", "The answer is 14."]
+    stepk = "Let me see.\nStep 1: add 3 + 4 = 7.\nso 7\nStep 2: double, 14.\nThe answer is 14."
+    assert parts(stepk, "step-k") == ["Let me see.\n", "Step 1: add 3 + 4 = 7.\nso 7\n", "Step 2: double, 14.\nThe answer is 14."]
+    assert parts(stepk, "auto") == parts(stepk, "step-k")
+    think = "<think>First, 3 + 4 = 7.\n\nThen 7 * 2\n= 14.\n\n</think>\nThe answer is 14."
+    assert parts(think, "paragraphs") == ["<think>First, 3 + 4 = 7.\n\n", "Then 7 * 2\n= 14.\n\n", "</think>\nThe answer is 14."]
+    assert parts(think, "auto") == parts(think, "paragraphs")
+    assert parts("one line", "auto") == ["one line"] and split_steps("", "lines") == []
+
+
+def test_aggregates():
+    from distill.bench.steps import aggregate
+
+    assert aggregate([0.9, 0.5, 0.8], "min") == 0.5
+    assert aggregate([0.9, 0.5, 0.8], "product") == pytest.approx(0.36)
+    assert aggregate([0.9, 0.5, 0.8], "last") == 0.8
+    assert aggregate([], "min") == 0.0
+
+
+def test_teacher_step_scores_equal_dense_per_step_means(tiny_model_dir):
+    """Per-step scores from the one prefill = exp(mean of the dense log-probs of each step's tokens),
+    the tokens assigned to steps by their first character (recomputed here by tokenizing each prefix)."""
+    from transformers import AutoTokenizer
+
+    from distill.bench.steps import split_steps
+
+    q, text = "What is 3 + 4?", "3 + 4 = 7\nso 7 * 2 = 14\nThe answer is 14."
+    spans = split_steps(text, "lines")
+    assert len(spans) == 3
+    plen, ids, ref = _dense_logprobs(tiny_model_dir, q, text)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # tokens of step k = tokens of prefix k minus tokens of prefix k-1 (lines end in "\n": no merge across)
+    counts = [len(tok(text[:b], add_special_tokens=False)["input_ids"]) for _, b in spans]
+    bounds = [0] + counts
+    want = [math.exp(sum(ref[a:b]) / (b - a)) for a, b in zip(bounds, bounds[1:])]
+    for how, agg in (("min", min(want)), ("product", math.prod(want)), ("last", want[-1])):
+        sset = make_scorers([f"teacher-steps={tiny_model_dir}"], system_prompt=SYSTEM, steps="lines", step_aggregate=how)
+        each, combined = sset.evaluate([q], [C(text)])
+        got = each["teacher-steps"][0]
+        assert got.extra["step_scores"] == pytest.approx(want, rel=1e-4)
+        assert combined[0].weight == pytest.approx(agg, rel=1e-4) and combined[0].tokens == plen + len(ids)

@@ -33,6 +33,7 @@ from distill.bench.selection import (
     normalise_answer,
 )
 from distill.bench.stats import accuracy_entry
+from distill.bench.steps import AGGREGATES, STEP_MODES
 from distill.data.problems import FIELD_NAMES
 from distill.errors import DistillError
 from distill.io import atomic_write_jsonl
@@ -110,6 +111,9 @@ class BenchConfig:
                                     "(teacher-sum=DIR) scores by the teacher's mean (summed) log-prob. Several: "
                                     "weighted sum, each also reported alone.",
                                default_factory=lambda: ["self"], metavar="NAME=SPEC[:WEIGHT]")
+    steps: str = option("auto", "How step-level scorers split a trace: lines, step-k ('Step k' markers), paragraphs "
+                                "(inside <think>), or auto.", choices=STEP_MODES)
+    step_aggregate: str = option("min", "How step scores become one weight: min, product or last.", choices=AGGREGATES)
     held_out_cache: Path | None = option(None, "Teacher cache to measure KL, top-1 agreement and ECE against.")
     held_out_limit: int | None = option(None, "Use the first N samples of the held-out cache.", minimum=1)
     quant: str = option("auto", "auto (as saved; adapters on an NF4 base) | none | nf4 | int8.", choices=QUANT_CHOICES)
@@ -202,7 +206,8 @@ def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **se
     if any(r in SCORED_RULES for r in rules):
         # the scorers run where the completions are gathered: reward models and teachers load on the main process only
         scorer = make_scorers(cfg.scorer, system_prompt=system_prompt, batch_size=cfg.batch_size,
-                              trust_remote_code=cfg.trust_remote_code, only_self=not ranks.is_main)
+                              trust_remote_code=cfg.trust_remote_code, only_self=not ranks.is_main,
+                              steps=cfg.steps, step_aggregate=cfg.step_aggregate)
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
     return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
                      grid=n_grid(cfg.samples) if sampled_rules else [], problems=problems, task_info=task_info,
@@ -415,6 +420,7 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
             "samples": cfg.samples, "rules": plan.rules, "scorer": (scorer.name if scorer else None),
             "scorer_description": (scorer.description if scorer else None),
             "scorers": (scorer.describe() if scorer else []), "columns": result_rules(plan),
+            "steps": cfg.steps, "step_aggregate": cfg.step_aggregate,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "quant": cfg.quant, "system_prompt": plan.system_prompt,
             "held_out_cache": str(cfg.held_out_cache) if cfg.held_out_cache is not None else None,

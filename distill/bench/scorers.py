@@ -42,7 +42,8 @@ class Scored:
 
 @dataclass(frozen=True)
 class ScorerSpec:
-    """One `--scorer NAME=SPEC[:WEIGHT]`: kind is self | reward-model | teacher | teacher-sum."""
+    """One `--scorer NAME=SPEC[:WEIGHT]`: kind is self | reward-model | teacher | teacher-sum |
+    teacher-steps | step-reward-model."""
 
     name: str
     kind: str
@@ -70,9 +71,10 @@ def _split_weight(text: str, item: str) -> tuple[str, float]:
 
 def parse_scorer_specs(items: Sequence[str] | str | None) -> list[ScorerSpec]:
     """`--scorer` values -> specs. Accepted: `self`, `DIR` (a reward model, named by its path),
-    `NAME=self`, `NAME=DIR`, `teacher=DIR` / `teacher-sum=DIR` (the teacher as verifier: mean or summed
-    log-prob; any name starting with `teacher` is a verifier, `-sum` at its end picks the sum), each
-    with an optional `:WEIGHT` (default 1). Names are unique; at least one weight is positive."""
+    `NAME=self`, `NAME=DIR`, `teacher=DIR` / `teacher-sum=DIR` / `teacher-steps=DIR` (the teacher as
+    verifier: mean, summed or per-step log-prob; any name starting with `teacher` is a verifier, its
+    ending picks the variant), `NAME=prm:DIR` (a trained step scorer on every prefix), each with an
+    optional `:WEIGHT` (default 1). Names are unique; at least one weight is positive."""
     if items is None:
         items = ["self"]
     if isinstance(items, str):
@@ -93,8 +95,11 @@ def parse_scorer_specs(items: Sequence[str] | str | None) -> list[ScorerSpec]:
                 raise DistillError(f"malformed --scorer {item!r}: use NAME=SPEC[:WEIGHT], e.g. teacher=runs/teacher:0.5")
         if rest == "self":
             spec = ScorerSpec(name, "self", None, weight)
+        elif rest.startswith("prm:"):
+            spec = ScorerSpec(name, "step-reward-model", rest[len("prm:"):], weight)
         elif name.startswith("teacher"):
-            spec = ScorerSpec(name, "teacher-sum" if name.endswith("-sum") else "teacher", rest, weight)
+            kind = "teacher-sum" if name.endswith("-sum") else "teacher-steps" if name.endswith("-steps") else "teacher"
+            spec = ScorerSpec(name, kind, rest, weight)
         else:
             spec = ScorerSpec(name, "reward-model", rest, weight)
         specs.append(spec)
@@ -214,6 +219,65 @@ class TeacherScorer:
         pass
 
 
+class TeacherStepScorer:
+    """The teacher's per-step log-prob (`teacher-steps=DIR`): each step's exp(mean token log-prob)
+    given the prompt and the steps before it, aggregated (`distill.bench.steps`). It shares the
+    teacher's prefill with `teacher` / `teacher-sum` on the same DIR."""
+
+    def __init__(self, spec: ScorerSpec, logprobs, *, steps: str = "auto", aggregate: str = "min"):
+        self.spec, self.logprobs, self.steps, self.how = spec, logprobs, steps, aggregate
+        self.name = spec.name
+        self.description = (f"teacher {spec.target} per step ({steps} steps, {aggregate}): exp(mean token log-prob "
+                            "of each step given the ones before")
+
+    def evaluate(self, questions: Sequence[str], completions: Sequence) -> list[Scored]:
+        from distill.bench.steps import aggregate, split_steps, step_scores_from_logprobs
+
+        out = []
+        for c, s in zip(completions, self.logprobs.score(list(questions), [c.text for c in completions])):
+            steps = step_scores_from_logprobs(s.logprobs, s.offsets, split_steps(c.text, self.steps))
+            out.append(Scored(aggregate(steps, self.how), s.tokens, {"step_scores": steps}))
+        return out
+
+    def score(self, questions: Sequence[str], completions: Sequence) -> list[float]:
+        return [s.weight for s in self.evaluate(questions, completions)]
+
+    def close(self) -> None:
+        pass
+
+
+class StepRewardScorer:
+    """A trained step scorer (`NAME=prm:DIR`, a sequence classifier such as `distill scorer train
+    --steps` saves): its probability for the prefix that ends with each step, aggregated. One pass per
+    prefix, so its tokens are the sum of the prefixes' lengths."""
+
+    def __init__(self, spec: ScorerSpec, *, steps: str = "auto", aggregate: str = "min", batch_size: int = 8,
+                 trust_remote_code: bool = False):
+        self.spec, self.steps, self.how = spec, steps, aggregate
+        self.model = RewardModelScorer(spec.target, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        self.name = spec.name
+        self.description = f"step scorer {spec.target} on every prefix ({steps} steps, {aggregate})"
+
+    def evaluate(self, questions: Sequence[str], completions: Sequence) -> list[Scored]:
+        from distill.bench.steps import aggregate, split_steps
+        from distill.models.sampling import Completion
+
+        out = []
+        for q, c in zip(questions, completions):
+            spans = split_steps(c.text, self.steps)
+            prefixes = [Completion(text=c.text[:b], num_tokens=0, mean_logprob=0.0, finished=False) for _, b in spans]
+            scored = self.model.evaluate([q] * len(prefixes), prefixes) if prefixes else []
+            steps = [s.weight for s in scored]
+            out.append(Scored(aggregate(steps, self.how), sum(s.tokens for s in scored), {"step_scores": steps}))
+        return out
+
+    def score(self, questions: Sequence[str], completions: Sequence) -> list[float]:
+        return [s.weight for s in self.evaluate(questions, completions)]
+
+    def close(self) -> None:
+        self.model.close()
+
+
 class ScorerSet:
     """The scorers of one benchmark with their weights; `evaluate` gives every scorer's `Scored` and
     the combination (weight sum_k WEIGHT_k * weight_k, tokens summed over distinct passes)."""
@@ -258,7 +322,8 @@ class ScorerSet:
 
 
 def make_scorers(items: Sequence[str] | str | None, *, system_prompt: str | None = None, batch_size: int = 8,
-                 trust_remote_code: bool = False, only_self: bool = False) -> ScorerSet:
+                 trust_remote_code: bool = False, only_self: bool = False, steps: str = "auto",
+                 step_aggregate: str = "min") -> ScorerSet:
     """Load every `--scorer` (a teacher directory named twice loads once). `only_self`: the specs are
     checked but the models are not loaded (processes that only generate)."""
     from distill.bench.verifier import TeacherLogprobs
@@ -270,11 +335,17 @@ def make_scorers(items: Sequence[str] | str | None, *, system_prompt: str | None
             scorers.append(SelfScorer())
         elif spec.kind == "reward-model":
             scorers.append(RewardModelScorer(spec.target, batch_size=batch_size, trust_remote_code=trust_remote_code))
+        elif spec.kind == "step-reward-model":
+            scorers.append(StepRewardScorer(spec, steps=steps, aggregate=step_aggregate, batch_size=batch_size,
+                                            trust_remote_code=trust_remote_code))
         else:
             if spec.target not in teachers:
                 teachers[spec.target] = TeacherLogprobs(spec.target, system_prompt=system_prompt, batch_size=batch_size,
                                                         trust_remote_code=trust_remote_code)
-            scorers.append(TeacherScorer(spec, teachers[spec.target]))
+            if spec.kind == "teacher-steps":
+                scorers.append(TeacherStepScorer(spec, teachers[spec.target], steps=steps, aggregate=step_aggregate))
+            else:
+                scorers.append(TeacherScorer(spec, teachers[spec.target]))
     return ScorerSet(specs, scorers, list(teachers.values()))
 
 
