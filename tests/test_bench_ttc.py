@@ -223,3 +223,106 @@ def test_teacher_step_scores_equal_dense_per_step_means(tiny_model_dir):
         got = each["teacher-steps"][0]
         assert got.extra["step_scores"] == pytest.approx(want, rel=1e-4)
         assert combined[0].weight == pytest.approx(agg, rel=1e-4) and combined[0].tokens == plen + len(ids)
+
+
+@pytest.fixture(scope="module")
+def search_setup(tiny_model_dir, tiny_student_dir):
+    from transformers import AutoTokenizer
+
+    from distill.bench.runner import step_spec
+    from distill.bench.scorers import make_step_scorer
+    from distill.models import load_model, load_tokenizer, resolve_source
+    from distill.models.sampling import format_prompt
+
+    src = resolve_source(str(tiny_student_dir))
+    model, tok = load_model(src), load_tokenizer(src)
+    value = make_step_scorer(step_spec(f"teacher={tiny_model_dir}"), system_prompt=SYSTEM)
+    q = "What is 3 + 4?"
+    t_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t_prompt = len(t_tok(format_prompt(t_tok, q, SYSTEM), add_special_tokens=False)["input_ids"])
+    return model, tok, value, q, format_prompt(tok, q, SYSTEM), t_tok, t_prompt
+
+
+def _check_scored_tokens(res, t_tok, t_prompt):
+    """Scorer tokens recomputed from the scored texts with the teacher's tokenizer, one prefill each."""
+    scored = [e for e in res.log if e[0] == "score"]
+    assert res.scorer_tokens == sum(t_prompt + len(t_tok(text, add_special_tokens=False)["input_ids"])
+                                    for _, text, _ in scored)
+    return scored
+
+
+def test_beam_search_counts_every_token(search_setup):
+    from distill.bench.search import SearchSettings, beam_search
+
+    model, tok, value, q, prompt, t_tok, t_prompt = search_setup
+    st = SearchSettings(beam_size=2, width=2, max_steps=3, step_max_tokens=5, max_new_tokens=12, temperature=1.0,
+                        top_p=1.0, seed=3, batch_size=3)
+    res = beam_search(model, tok, value, q, prompt, st, set())  # no stop tokens: every step is its full budget
+    gens = [e for e in res.log if e[0] == "generate"]
+    assert res.generated_tokens == sum(e[3] for e in gens) > 0
+    for _, parent, budget, n, eos in gens:
+        assert budget == min(5, 12 - parent) and (n == budget if not eos else 1 <= n <= budget)
+    # the tree: 1 root x 2, then (up to) 2 kept prefixes x 2 per step; parents grow by whole steps
+    assert [e[1] for e in gens[:2]] == [0, 0] and len(gens) <= 2 + 4 + 4
+    scored = _check_scored_tokens(res, t_tok, t_prompt)
+    assert len(scored) == len(gens)  # every new prefix scored once
+    again = beam_search(model, tok, value, q, prompt, SearchSettings(**{**st.__dict__, "batch_size": 8}), set())
+    assert (again.text, again.generated_tokens, again.scorer_tokens) == (res.text, res.generated_tokens, res.scorer_tokens)
+
+
+def test_mcts_counts_every_token(search_setup):
+    from distill.bench.search import SearchSettings, mcts
+
+    model, tok, value, q, prompt, t_tok, t_prompt = search_setup
+    st = SearchSettings(width=2, max_steps=2, step_max_tokens=4, max_new_tokens=10, expansions=4, rollouts=2,
+                        uct_c=1.0, temperature=1.0, top_p=1.0, seed=5)
+    res = mcts(model, tok, value, q, prompt, st, set())
+    gens = [e for e in res.log if e[0] == "generate"]
+    assert res.generated_tokens == sum(e[3] for e in gens) > 0
+    for _, parent, budget, n, eos in gens:
+        assert budget in (min(4, 10 - parent), 10 - parent)  # a step, or a rollout to the end
+        assert n == budget if not eos else 1 <= n <= budget
+    # each expansion: one step and 2 rollouts (3 draws), or a finished node that draws nothing
+    assert len(gens) <= 4 * 3 and len(gens) % 3 == 0
+    _check_scored_tokens(res, t_tok, t_prompt)
+    assert res.text and res.value is not None
+    again = mcts(model, tok, value, q, prompt, st, set())
+    assert again.log == res.log
+
+
+def test_bench_search_rules_end_to_end(tiny_model_dir, tiny_student_dir, tmp_path):
+    from distill.bench.runner import run_bench
+
+    with pytest.raises(DistillError, match="needs --step-scorer"):
+        run_bench([f"s={tiny_student_dir}"], out=tmp_path / "x", select="beam")
+    out = tmp_path / "o"
+    res = run_bench([f"s={tiny_student_dir}"], task="synthetic", limit=2, out=out, select="greedy,beam,mcts",
+                    step_scorer=f"teacher={tiny_model_dir}", beam_size=1, search_width=2, search_steps=2,
+                    step_max_tokens=4, mcts_expansions=2, max_new_tokens=8, progress=False)
+    m = res["models"][0]
+    records = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    for rule in ("beam", "mcts"):
+        mine = [r for r in records if r["kind"] == rule]
+        assert len(mine) == 2
+        point = m["compute"][rule][0]
+        assert point["generated_tokens"] == pytest.approx(sum(r["num_tokens"] for r in mine) / 2) and point["generated_tokens"] > 0
+        assert point["scorer_tokens"] == pytest.approx(sum(r["scorer_tokens"] for r in mine) / 2) and point["scorer_tokens"] > 0
+        assert m["accuracy"][rule]["correct"] == sum(r["correct"] for r in mine)
+    assert res["settings"]["search"]["beam_size"] == 1
+
+
+def test_stop_ids_end_a_row_after_the_token(search_setup):
+    """A row stops right after a stop token (kept, unfinished), and what it drew until then is what
+    the same seed draws without stops."""
+    from distill.models.sampling import generate_rows, newline_ids
+
+    model, tok, *_ = search_setup
+    ids = [tok("Tom has 3 apples", add_special_tokens=False)["input_ids"]] * 2
+    free = generate_rows(model, tok, ids, [11, 12], temperature=1.0, top_p=1.0, max_new_tokens=6)
+    first = {free[0].token_ids[2], free[1].token_ids[2]}  # stop at the third token of each row
+    stopped = generate_rows(model, tok, ids, [11, 12], temperature=1.0, top_p=1.0, max_new_tokens=6, stop_ids=first)
+    for f, s in zip(free, stopped):
+        k = next(i for i, t in enumerate(f.token_ids) if t in first)
+        assert s.token_ids == f.token_ids[:k + 1] and s.num_tokens == k + 1 and not s.finished
+    nl = newline_ids(tok)
+    assert tok.convert_tokens_to_ids("Ċ") in nl and all("\n" in tok.decode([i]) for i in nl)

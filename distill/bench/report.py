@@ -17,6 +17,8 @@ RULE_LABELS = {
     "majority": "maj@{n}",
     "best-of-n": "best-of-{n}",
     "weighted-best-of-n": "weighted@{n}",
+    "beam": "beam",
+    "mcts": "mcts",
 }
 
 
@@ -211,7 +213,8 @@ def compute_table(results: dict) -> str:
     for m in results["models"]:
         for rule in columns(results):
             for point in m.get("compute", {}).get(rule, []):
-                lines.append(f"| {m['name']} | {rule_label(rule, 'N')} | {point['samples']} | {point['generated_tokens']:.1f} | "
+                n = "-" if point.get("samples") is None else point["samples"]
+                lines.append(f"| {m['name']} | {rule_label(rule, 'N')} | {n} | {point['generated_tokens']:.1f} | "
                              f"{point['scorer_tokens']:.1f} | {point['total_tokens']:.1f} | {_pct(point)} |")
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from distill.bench.report import terminal_summary, write_report
 from distill.bench.selection import (
     SAMPLED_RULES,
     SCORED_RULES,
+    SEARCH_RULES,
     Sample,
     accuracy_curves,
     canonical_rules,
@@ -90,6 +91,18 @@ def _check_out(out: Path) -> None:
         raise DistillError(f"--out {out} is a file; give a directory for the results")
 
 
+def step_spec(text: str):
+    """The search's step scorer: `teacher=DIR` (any teacher* name: the per-step log-prob) or `NAME=prm:DIR`."""
+    from distill.bench.scorers import ScorerSpec, parse_scorer_specs
+
+    (spec,) = parse_scorer_specs([text])
+    if spec.kind.startswith("teacher"):
+        return ScorerSpec(spec.name, "teacher-steps", spec.target, 1.0)
+    if spec.kind != "step-reward-model":
+        raise DistillError(f"--step-scorer {text!r} is not a step scorer: use teacher=DIR or NAME=prm:DIR")
+    return spec
+
+
 @dataclass
 class BenchConfig:
     """`distill bench` and the `[bench]` section of a run config (declared once: `distill.options`
@@ -114,6 +127,17 @@ class BenchConfig:
     steps: str = option("auto", "How step-level scorers split a trace: lines, step-k ('Step k' markers), paragraphs "
                                 "(inside <think>), or auto.", choices=STEP_MODES)
     step_aggregate: str = option("min", "How step scores become one weight: min, product or last.", choices=AGGREGATES)
+    step_scorer: str | None = option(None, "Step scorer guiding --select beam,mcts: teacher=DIR (the teacher's per-step "
+                                           "log-prob) or NAME=prm:DIR (a trained step scorer). Search steps are lines.",
+                                     metavar="SPEC")
+    beam_size: int = option(2, "Beam search: prefixes kept after every step.", minimum=1)
+    search_width: int = option(2, "Search: one-step continuations sampled per kept prefix (beam) or children per "
+                                   "node (MCTS).", minimum=1)
+    search_steps: int = option(8, "Search: most steps (lines) per trace.", minimum=1)
+    step_max_tokens: int = option(48, "Search: longest step in tokens.", minimum=1)
+    mcts_expansions: int = option(8, "MCTS: expansions (iterations) per problem.", minimum=1)
+    mcts_rollouts: int = option(1, "MCTS: rollouts to the end per expansion.", minimum=1)
+    uct_c: float = option(1.0, "MCTS: exploration constant of UCT.", minimum=0)
     held_out_cache: Path | None = option(None, "Teacher cache to measure KL, top-1 agreement and ECE against.")
     held_out_limit: int | None = option(None, "Use the first N samples of the held-out cache.", minimum=1)
     quant: str = option("auto", "auto (as saved; adapters on an NF4 base) | none | nf4 | int8.", choices=QUANT_CHOICES)
@@ -134,6 +158,10 @@ class BenchConfig:
             self.scorer = [self.scorer]
         parse_scorer_specs(self.scorer)  # a malformed --scorer fails before any model loads
         rules = canonical_rules(self.select)
+        if any(r in SEARCH_RULES for r in rules):
+            if not self.step_scorer:
+                raise DistillError(f"{name('select')} beam/mcts needs {name('step_scorer')} teacher=DIR or NAME=prm:DIR")
+            step_spec(self.step_scorer)
         if self.samples == 1 and all(r in SAMPLED_RULES for r in rules):
             raise DistillError(f"{name('select')} {','.join(rules)} needs {name('samples')} N with N >= 2")
 
@@ -156,6 +184,7 @@ class BenchPlan:
     task_info: dict
     system_prompt: str
     scorer: object | None
+    step_scorer: object | None
     started: float
     ranks: object  # distill.ranks.Ranks: this process among the launcher's
 
@@ -185,7 +214,7 @@ def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool 
 def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **settings) -> BenchPlan:
     """Check every input and load the problems and the scorer: a user mistake fails here, in one
     line, before any model loads and before anything is written."""
-    from distill.bench.scorers import make_scorers
+    from distill.bench.scorers import make_scorers, make_step_scorer
     from distill.bench.tasks import load_task
     from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
     from distill.ranks import current_ranks
@@ -208,10 +237,15 @@ def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **se
         scorer = make_scorers(cfg.scorer, system_prompt=system_prompt, batch_size=cfg.batch_size,
                               trust_remote_code=cfg.trust_remote_code, only_self=not ranks.is_main,
                               steps=cfg.steps, step_aggregate=cfg.step_aggregate)
+    step_scorer = None
+    if any(r in SEARCH_RULES for r in rules) and ranks.is_main:  # the searches run on the main process
+        step_scorer = make_step_scorer(step_spec(cfg.step_scorer), system_prompt=system_prompt,
+                                       batch_size=cfg.batch_size, aggregate=cfg.step_aggregate,
+                                       trust_remote_code=cfg.trust_remote_code)
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
     return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
                      grid=n_grid(cfg.samples) if sampled_rules else [], problems=problems, task_info=task_info,
-                     system_prompt=system_prompt, scorer=scorer, started=started, ranks=ranks)
+                     system_prompt=system_prompt, scorer=scorer, step_scorer=step_scorer, started=started, ranks=ranks)
 
 
 def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, list[dict]]:
@@ -228,6 +262,7 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         loaded = load_for_bench(name, path, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code)
         load_s = time.perf_counter() - t_load
         greedy, sampled, stats = _generate(plan, name, loaded.model, loaded.tokenizer)
+        searched, search_s = _search(plan, name, loaded.model, loaded.tokenizer) if ranks.is_main else ({}, 0.0)
         agreement = _agreement(plan, loaded.model, loaded.tokenizer) if ranks.is_main else None
     peak_bytes = meter.peak_bytes
     if ranks.distributed:
@@ -251,13 +286,14 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         "generation_seconds": round(stats.seconds, 3),
         "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
         "load_seconds": round(load_s, 3),
+        "search_seconds": round(search_s, 3),
         "batch_size": cfg.batch_size,
         "processes": ranks.world,
     }
     if loaded.source == "adapter" and loaded.base_path:
         base_size = cost_mod.size_on_disk(loaded.base_path)
         cost["size_on_disk_bytes"] = (cost["size_on_disk_bytes"] or 0) + (base_size or 0)
-    accuracy, curves, compute, parse_rate, details = _score(plan, name, greedy, sampled)
+    accuracy, curves, compute, parse_rate, details = _score(plan, name, greedy, sampled, searched)
     result = {
         "name": name,
         "path": str(path),
@@ -299,6 +335,35 @@ def _generate(plan: BenchPlan, name: str, model, tok):
     return greedy, sampled, stats
 
 
+def _search(plan: BenchPlan, name: str, model, tok) -> tuple[dict, float]:
+    """{rule: [SearchResult per problem]} for the search rules, and the seconds they took."""
+    rules = [r for r in plan.rules if r in SEARCH_RULES]
+    if not rules:
+        return {}, 0.0
+    from distill.bench.search import SEARCHES, SearchSettings
+    from distill.models.sampling import format_prompt, newline_ids
+
+    cfg = plan.cfg
+    settings = SearchSettings(beam_size=cfg.beam_size, width=cfg.search_width, max_steps=cfg.search_steps,
+                              step_max_tokens=cfg.step_max_tokens, max_new_tokens=cfg.max_new_tokens,
+                              expansions=cfg.mcts_expansions, rollouts=cfg.mcts_rollouts, uct_c=cfg.uct_c,
+                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+    stops = newline_ids(tok)
+    t0 = time.perf_counter()
+    out = {}
+    bar = _bar(cfg.progress, f"{name} search", len(rules) * len(plan.problems))
+    for rule in rules:
+        out[rule] = []
+        for prob in plan.problems:
+            prompt = format_prompt(tok, prob.question, plan.system_prompt)
+            out[rule].append(SEARCHES[rule](model, tok, plan.step_scorer, prob.question, prompt, settings, stops))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out, time.perf_counter() - t0
+
+
 def _agreement(plan: BenchPlan, model, tok) -> dict | None:
     """KL, top-1 agreement and ECE against the held-out teacher cache (an error entry, not a crash)."""
     cfg = plan.cfg
@@ -313,7 +378,7 @@ def _agreement(plan: BenchPlan, model, tok) -> dict | None:
         return {"error": str(err)}
 
 
-def _score(plan: BenchPlan, name: str, greedy, sampled):
+def _score(plan: BenchPlan, name: str, greedy, sampled, searched=None):
     """Accuracy per rule (with curves over n and token costs), the answer parse rate and the
     per-completion records. With several scorers, best-of-N and weighted best-of-N are computed for
     their combination (the plain rule names) and for each scorer alone (`rule[NAME]`)."""
@@ -383,6 +448,21 @@ def _score(plan: BenchPlan, name: str, greedy, sampled):
             curves[key] = {str(n): accuracy_entry(counts[key][n], len(problems)) for n in plan.grid}
             accuracy[key] = curves[key][str(plan.cfg.samples)]
             compute[key] = compute_points(curves[key], gen_tokens, view_tokens.get(key, zeros), plan.grid)
+    for rule, results in (searched or {}).items():
+        correct = gen = sc = 0
+        for prob, res in zip(problems, results):
+            pred = _answer_of(res.text, extract_answer)
+            ok = pred is not None and bool(answers_match(pred, prob.gold))
+            correct += ok
+            gen += res.generated_tokens
+            sc += res.scorer_tokens
+            details.append({"model": name, "id": prob.id, "kind": rule, "gold": prob.gold, "answer": pred,
+                            "correct": ok, "value": res.value, "num_tokens": res.generated_tokens,
+                            "scorer_tokens": res.scorer_tokens, "finished": res.finished, "text": res.text})
+        count = max(1, len(problems))
+        accuracy[rule] = accuracy_entry(correct, len(problems))
+        compute[rule] = [{"samples": None, "generated_tokens": gen / count, "scorer_tokens": sc / count,
+                          "total_tokens": (gen + sc) / count, **accuracy[rule]}]
     return accuracy, curves, compute, (parsed / total if total else None), details
 
 
@@ -411,6 +491,8 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
     cfg, scorer, ranks = plan.cfg, plan.scorer, plan.ranks
     if scorer is not None:
         scorer.close()
+    if plan.step_scorer is not None:
+        plan.step_scorer.close()
     if not ranks.is_main:
         return ranks.broadcast(None)
     results = {
@@ -421,6 +503,11 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
             "scorer_description": (scorer.description if scorer else None),
             "scorers": (scorer.describe() if scorer else []), "columns": result_rules(plan),
             "steps": cfg.steps, "step_aggregate": cfg.step_aggregate,
+            "search": ({"step_scorer": cfg.step_scorer, "step_scorer_description": plan.step_scorer.description,
+                        "beam_size": cfg.beam_size, "width": cfg.search_width, "max_steps": cfg.search_steps,
+                        "step_max_tokens": cfg.step_max_tokens, "mcts_expansions": cfg.mcts_expansions,
+                        "mcts_rollouts": cfg.mcts_rollouts, "uct_c": cfg.uct_c, "steps": "lines"}
+                       if plan.step_scorer is not None else None),
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "quant": cfg.quant, "system_prompt": plan.system_prompt,
             "held_out_cache": str(cfg.held_out_cache) if cfg.held_out_cache is not None else None,

@@ -321,6 +321,21 @@ class ScorerSet:
             s.close()
 
 
+def make_step_scorer(spec: ScorerSpec, *, system_prompt: str | None = None, batch_size: int = 8,
+                     aggregate: str = "min", trust_remote_code: bool = False):
+    """The value function of the searches: a step scorer over lines (the searches' steps)."""
+    from distill.bench.verifier import TeacherLogprobs
+
+    if spec.kind == "teacher-steps":
+        logprobs = TeacherLogprobs(spec.target, system_prompt=system_prompt, batch_size=batch_size,
+                                   trust_remote_code=trust_remote_code)
+        scorer = TeacherStepScorer(spec, logprobs, steps="lines", aggregate=aggregate)
+        scorer.close = logprobs.close
+        return scorer
+    return StepRewardScorer(spec, steps="lines", aggregate=aggregate, batch_size=batch_size,
+                            trust_remote_code=trust_remote_code)
+
+
 def make_scorers(items: Sequence[str] | str | None, *, system_prompt: str | None = None, batch_size: int = 8,
                  trust_remote_code: bool = False, only_self: bool = False, steps: str = "auto",
                  step_aggregate: str = "min") -> ScorerSet:
