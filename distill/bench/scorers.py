@@ -159,11 +159,9 @@ class RewardModelScorer:
         self.max_length = max_length
 
     def _text(self, question: str, completion: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
-            return text if isinstance(text, str) else text[0]
-        return f"{question}\n\n{completion}"
+        from distill.models.sampling import scorer_text
+
+        return scorer_text(self.tokenizer, question, completion)
 
     def score(self, questions: Sequence[str], completions: Sequence) -> list[float]:
         return [s.weight for s in self.evaluate(questions, completions)]

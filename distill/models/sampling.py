@@ -75,6 +75,17 @@ def format_prompt(tokenizer, question: str, system_prompt: str | None = None) ->
     return f"{head}Question: {question}\nAnswer:"
 
 
+def scorer_text(tokenizer, question: str, completion: str) -> str:
+    """What a reward model reads: the question and the completion as user / assistant turns of its
+    chat template (no system prompt), or "question\\n\\ncompletion" without one. One function, so that
+    `distill scorer train` trains on exactly what `distill bench --scorer` scores."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        return text if isinstance(text, str) else text[0]
+    return f"{question}\n\n{completion}"
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
