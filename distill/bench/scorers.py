@@ -222,8 +222,9 @@ class TeacherStepScorer:
     given the prompt and the steps before it, aggregated (`distill.bench.steps`). It shares the
     teacher's prefill with `teacher` / `teacher-sum` on the same DIR."""
 
-    def __init__(self, spec: ScorerSpec, logprobs, *, steps: str = "auto", aggregate: str = "min"):
+    def __init__(self, spec: ScorerSpec, logprobs, *, steps: str = "auto", aggregate: str = "min", owns: bool = False):
         self.spec, self.logprobs, self.steps, self.how = spec, logprobs, steps, aggregate
+        self.owns = owns  # close the teacher with this scorer (the searches' own step scorer)
         self.name = spec.name
         self.description = (f"teacher {spec.target} per step ({steps} steps, {aggregate}): exp(mean token log-prob "
                             "of each step given the ones before")
@@ -241,7 +242,8 @@ class TeacherStepScorer:
         return [s.weight for s in self.evaluate(questions, completions)]
 
     def close(self) -> None:
-        pass
+        if self.owns:
+            self.logprobs.close()
 
 
 class StepRewardScorer:
@@ -327,9 +329,7 @@ def make_step_scorer(spec: ScorerSpec, *, system_prompt: str | None = None, batc
     if spec.kind == "teacher-steps":
         logprobs = TeacherLogprobs(spec.target, system_prompt=system_prompt, batch_size=batch_size,
                                    trust_remote_code=trust_remote_code)
-        scorer = TeacherStepScorer(spec, logprobs, steps="lines", aggregate=aggregate)
-        scorer.close = logprobs.close
-        return scorer
+        return TeacherStepScorer(spec, logprobs, steps="lines", aggregate=aggregate, owns=True)
     return StepRewardScorer(spec, steps="lines", aggregate=aggregate, batch_size=batch_size,
                             trust_remote_code=trust_remote_code)
 
