@@ -54,8 +54,9 @@ class Node:
 
     ids: list[int]
     text: str
-    finished: bool  # ended with EOS or reached max_new_tokens
+    finished: bool  # complete: ended with EOS or reached max_new_tokens
     parent: "Node | None" = None
+    eos: bool = False  # ended with EOS (what `finished` means in samples.jsonl)
     new_tokens: int = 0  # tokens sampled to make this node from its parent (EOS included)
     value: float | None = None  # step scorer's value of the prefix (beam; MCTS: of finished nodes)
     scorer_tokens: int = 0
@@ -67,10 +68,10 @@ class Node:
 
 @dataclass
 class SearchResult:
-    text: str
+    text: str  # the chosen trace
     generated_tokens: int
     scorer_tokens: int
-    finished: bool
+    finished: bool  # the chosen trace ended with EOS (not cut by a token budget)
     value: float | None
     # ("generate", parent tokens, token budget, tokens sampled, ended by EOS) / ("score", text, tokens)
     log: list = field(default_factory=list)
@@ -121,7 +122,7 @@ class _Search:
         text = self.tok.decode(ids, skip_special_tokens=False)
         finished = comp.finished or len(ids) >= self.s.max_new_tokens
         return Node(ids=ids, text=text, finished=finished, parent=parent, new_tokens=comp.num_tokens,
-                    depth=parent.depth + 1)
+                    depth=parent.depth + 1, eos=comp.finished)
 
     def _values(self, nodes: list[Node]) -> list[float]:
         if not nodes:
@@ -162,7 +163,7 @@ def beam_search(model, tokenizer, value, question: str, prompt: str, settings: S
     done = [b for b in beams if b.finished] or beams
     best = max(done, key=lambda b: b.value if b.value is not None else -1.0)
     return SearchResult(text=best.text, generated_tokens=run.generated, scorer_tokens=run.scored,
-                        finished=best.finished, value=best.value, log=run.log)
+                        finished=best.eos, value=best.value, log=run.log)
 
 
 def mcts(model, tokenizer, value, question: str, prompt: str, settings: SearchSettings,
@@ -205,7 +206,7 @@ def mcts(model, tokenizer, value, question: str, prompt: str, settings: SearchSe
                             value=None, log=run.log)
     _, _, best = max(complete, key=lambda t: (t[0], -t[1]))
     return SearchResult(text=best.text, generated_tokens=run.generated, scorer_tokens=run.scored,
-                        finished=best.finished, value=best.value, log=run.log)
+                        finished=best.eos, value=best.value, log=run.log)
 
 
 SEARCHES = {"beam": beam_search, "mcts": mcts}
