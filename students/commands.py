@@ -1,4 +1,5 @@
-"""CLI commands of the student stage: `distill train`, `distill student init`, `distill export`.
+"""CLI commands of the student stage: `distill train`, `distill student init`, `distill export`, and
+`distill scorer train` (a reward model trained like a student: LoRA on one of our backbones).
 
 The options are the fields of `TrainConfig`, `StudentInitConfig` and `ExportConfig`
 (`distill.options.typer_command`). Heavy imports (torch, transformers) happen inside the commands so
@@ -12,6 +13,7 @@ import typer
 from distill.options import typer_command
 from students.export import ExportConfig
 from students.init_student import StudentInitConfig
+from students.scorer_train import ScorerTrainConfig
 from students.train import TrainConfig
 
 student_app = typer.Typer(help="Build students: keep a subset of the teacher's layers.", no_args_is_help=True)
@@ -53,9 +55,27 @@ def _export(cfg: ExportConfig) -> None:
 
 student_app.command("init")(typer_command(StudentInitConfig, _init))
 
+scorer_app = typer.Typer(help="Scorers for distill bench: learned reward models from our own traces.",
+                         no_args_is_help=True)
+
+
+def _scorer_train(cfg: ScorerTrainConfig) -> None:
+    """Train an outcome reward model (LoRA + classification head on a backbone) on the verifier's
+    correct / incorrect labels of traces; saves a directory `distill bench --scorer` loads."""
+    from students.scorer_train import _auc_text, train_scorer
+
+    summary = train_scorer(cfg, log=typer.echo)
+    h = summary["held_out"]
+    typer.echo(f"scorer in {summary['out']}: held-out AUC {_auc_text(h['auc'])} on {h['traces']} traces of "
+               f"{h['problems']} problems ({h['correct']} correct); train AUC {_auc_text(summary['train']['auc'])}")
+
+
+scorer_app.command("train")(typer_command(ScorerTrainConfig, _scorer_train))
+
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the top-level app."""
     app.add_typer(student_app, name="student")
+    app.add_typer(scorer_app, name="scorer")
     app.command("train")(typer_command(TrainConfig, _train))
     app.command("export")(typer_command(ExportConfig, _export))

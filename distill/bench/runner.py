@@ -26,6 +26,7 @@ from distill.bench.report import terminal_summary, write_report
 from distill.bench.selection import (
     SAMPLED_RULES,
     SCORED_RULES,
+    SEARCH_RULES,
     Sample,
     accuracy_curves,
     canonical_rules,
@@ -33,6 +34,7 @@ from distill.bench.selection import (
     normalise_answer,
 )
 from distill.bench.stats import accuracy_entry
+from distill.bench.steps import AGGREGATES, STEP_MODES
 from distill.data.problems import FIELD_NAMES
 from distill.errors import DistillError
 from distill.io import atomic_write_jsonl
@@ -89,6 +91,18 @@ def _check_out(out: Path) -> None:
         raise DistillError(f"--out {out} is a file; give a directory for the results")
 
 
+def step_spec(text: str):
+    """The search's step scorer: `teacher=DIR` (any teacher* name: the per-step log-prob) or `NAME=prm:DIR`."""
+    from distill.bench.scorers import ScorerSpec, parse_scorer_specs
+
+    (spec,) = parse_scorer_specs([text])
+    if spec.kind.startswith("teacher"):
+        return ScorerSpec(spec.name, "teacher-steps", spec.target, 1.0)
+    if spec.kind != "step-reward-model":
+        raise DistillError(f"--step-scorer {text!r} is not a step scorer: use teacher=DIR or NAME=prm:DIR")
+    return spec
+
+
 @dataclass
 class BenchConfig:
     """`distill bench` and the `[bench]` section of a run config (declared once: `distill.options`
@@ -105,8 +119,25 @@ class BenchConfig:
     limit: int | None = option(None, "Use the first N problems (synthetic: N problems, default 50).", minimum=1)
     samples: int = option(1, "Sampled completions per problem (N) for pass@N, maj@N, best-of-N.", minimum=1, short="-n")
     select: str = option(DEFAULT_RULES, "Comma-separated selection rules: greedy,pass@n,majority,best-of-n,weighted-best-of-n.")
-    scorer: str = option("self", "'self' (the model's own mean token log-prob) or a reward model directory "
-                                 "(sequence classification).")
+    scorer: list[str] = option(help="Scorer for best-of-N, repeatable: NAME=SPEC[:WEIGHT] with SPEC 'self' (the "
+                                    "model's own mean token log-prob) or a reward model directory; teacher=DIR "
+                                    "(teacher-sum=DIR) scores by the teacher's mean (summed) log-prob. Several: "
+                                    "weighted sum, each also reported alone.",
+                               default_factory=lambda: ["self"], metavar="NAME=SPEC[:WEIGHT]")
+    steps: str = option("auto", "How step-level scorers split a trace: lines, step-k ('Step k' markers), paragraphs "
+                                "(inside <think>), or auto.", choices=STEP_MODES)
+    step_aggregate: str = option("min", "How step scores become one weight: min, product or last.", choices=AGGREGATES)
+    step_scorer: str | None = option(None, "Step scorer guiding --select beam,mcts: teacher=DIR (the teacher's per-step "
+                                           "log-prob) or NAME=prm:DIR (a trained step scorer). Search steps are lines.",
+                                     metavar="SPEC")
+    beam_size: int = option(2, "Beam search: prefixes kept after every step.", minimum=1)
+    search_width: int = option(2, "Search: one-step continuations sampled per kept prefix (beam) or children per "
+                                   "node (MCTS).", minimum=1)
+    search_steps: int = option(8, "Search: most steps (lines) per trace.", minimum=1)
+    step_max_tokens: int = option(48, "Search: longest step in tokens.", minimum=1)
+    mcts_expansions: int = option(8, "MCTS: expansions (iterations) per problem.", minimum=1)
+    mcts_rollouts: int = option(1, "MCTS: rollouts to the end per expansion.", minimum=1)
+    uct_c: float = option(1.0, "MCTS: exploration constant of UCT.", minimum=0)
     held_out_cache: Path | None = option(None, "Teacher cache to measure KL, top-1 agreement and ECE against.")
     held_out_limit: int | None = option(None, "Use the first N samples of the held-out cache.", minimum=1)
     quant: str = option("auto", "auto (as saved; adapters on an NF4 base) | none | nf4 | int8.", choices=QUANT_CHOICES)
@@ -121,7 +152,16 @@ class BenchConfig:
     progress: bool = option(True, "Show a progress bar per model.")
 
     def check(self, name) -> None:
+        from distill.bench.scorers import parse_scorer_specs
+
+        if isinstance(self.scorer, str):  # the Python API and old configs pass one scorer as a string
+            self.scorer = [self.scorer]
+        parse_scorer_specs(self.scorer)  # a malformed --scorer fails before any model loads
         rules = canonical_rules(self.select)
+        if any(r in SEARCH_RULES for r in rules):
+            if not self.step_scorer:
+                raise DistillError(f"{name('select')} beam/mcts needs {name('step_scorer')} teacher=DIR or NAME=prm:DIR")
+            step_spec(self.step_scorer)
         if self.samples == 1 and all(r in SAMPLED_RULES for r in rules):
             raise DistillError(f"{name('select')} {','.join(rules)} needs {name('samples')} N with N >= 2")
 
@@ -144,6 +184,7 @@ class BenchPlan:
     task_info: dict
     system_prompt: str
     scorer: object | None
+    step_scorer: object | None
     started: float
     ranks: object  # distill.ranks.Ranks: this process among the launcher's
 
@@ -173,7 +214,7 @@ def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool 
 def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **settings) -> BenchPlan:
     """Check every input and load the problems and the scorer: a user mistake fails here, in one
     line, before any model loads and before anything is written."""
-    from distill.bench.scorers import make_scorer
+    from distill.bench.scorers import make_scorers, make_step_scorer
     from distill.bench.tasks import load_task
     from distill.models.sampling import DEFAULT_SYSTEM_PROMPT
     from distill.ranks import current_ranks
@@ -189,18 +230,22 @@ def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **se
 
         read_manifest(Path(cfg.held_out_cache))  # a missing / malformed cache fails before any model loads
     problems, task_info = load_task(cfg.task, limit=cfg.limit, split=cfg.split, fields=cfg.fields)
+    system_prompt = DEFAULT_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
     scorer = None
     if any(r in SCORED_RULES for r in rules):
-        # the scorer runs where the completions are gathered: a reward model loads on the main process only
-        if cfg.scorer not in (None, "self") and ranks.is_main:
-            scorer = make_scorer(cfg.scorer, trust_remote_code=cfg.trust_remote_code)
-        else:
-            scorer = make_scorer("self")
+        # the scorers run where the completions are gathered: reward models and teachers load on the main process only
+        scorer = make_scorers(cfg.scorer, system_prompt=system_prompt, batch_size=cfg.batch_size,
+                              trust_remote_code=cfg.trust_remote_code, only_self=not ranks.is_main,
+                              steps=cfg.steps, step_aggregate=cfg.step_aggregate)
+    step_scorer = None
+    if any(r in SEARCH_RULES for r in rules) and ranks.is_main:  # the searches run on the main process
+        step_scorer = make_step_scorer(step_spec(cfg.step_scorer), system_prompt=system_prompt,
+                                       batch_size=cfg.batch_size, aggregate=cfg.step_aggregate,
+                                       trust_remote_code=cfg.trust_remote_code)
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
     return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
                      grid=n_grid(cfg.samples) if sampled_rules else [], problems=problems, task_info=task_info,
-                     system_prompt=DEFAULT_SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt,
-                     scorer=scorer, started=started, ranks=ranks)
+                     system_prompt=system_prompt, scorer=scorer, step_scorer=step_scorer, started=started, ranks=ranks)
 
 
 def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, list[dict]]:
@@ -217,6 +262,7 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         loaded = load_for_bench(name, path, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code)
         load_s = time.perf_counter() - t_load
         greedy, sampled, stats = _generate(plan, name, loaded.model, loaded.tokenizer)
+        searched, search_s = _search(plan, name, loaded.model, loaded.tokenizer) if ranks.is_main else ({}, 0.0)
         agreement = _agreement(plan, loaded.model, loaded.tokenizer) if ranks.is_main else None
     peak_bytes = meter.peak_bytes
     if ranks.distributed:
@@ -240,13 +286,14 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         "generation_seconds": round(stats.seconds, 3),
         "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
         "load_seconds": round(load_s, 3),
+        "search_seconds": round(search_s, 3),
         "batch_size": cfg.batch_size,
         "processes": ranks.world,
     }
     if loaded.source == "adapter" and loaded.base_path:
         base_size = cost_mod.size_on_disk(loaded.base_path)
         cost["size_on_disk_bytes"] = (cost["size_on_disk_bytes"] or 0) + (base_size or 0)
-    accuracy, curves, parse_rate, details = _score(plan, name, greedy, sampled)
+    accuracy, curves, compute, parse_rate, details = _score(plan, name, greedy, sampled, searched)
     result = {
         "name": name,
         "path": str(path),
@@ -254,6 +301,7 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         "base_path": loaded.base_path,
         "accuracy": accuracy,
         "curves": curves,
+        "compute": compute,
         "answer_parse_rate": parse_rate,
         "agreement": agreement,
         "cost": cost,
@@ -287,6 +335,35 @@ def _generate(plan: BenchPlan, name: str, model, tok):
     return greedy, sampled, stats
 
 
+def _search(plan: BenchPlan, name: str, model, tok) -> tuple[dict, float]:
+    """{rule: [SearchResult per problem]} for the search rules, and the seconds they took."""
+    rules = [r for r in plan.rules if r in SEARCH_RULES]
+    if not rules:
+        return {}, 0.0
+    from distill.bench.search import SEARCHES, SearchSettings
+    from distill.models.sampling import format_prompt, newline_ids
+
+    cfg = plan.cfg
+    settings = SearchSettings(beam_size=cfg.beam_size, width=cfg.search_width, max_steps=cfg.search_steps,
+                              step_max_tokens=cfg.step_max_tokens, max_new_tokens=cfg.max_new_tokens,
+                              expansions=cfg.mcts_expansions, rollouts=cfg.mcts_rollouts, uct_c=cfg.uct_c,
+                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+    stops = newline_ids(tok)
+    t0 = time.perf_counter()
+    out = {}
+    bar = _bar(cfg.progress, f"{name} search", len(rules) * len(plan.problems))
+    for rule in rules:
+        out[rule] = []
+        for prob in plan.problems:
+            prompt = format_prompt(tok, prob.question, plan.system_prompt)
+            out[rule].append(SEARCHES[rule](model, tok, plan.step_scorer, prob.question, prompt, settings, stops))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out, time.perf_counter() - t0
+
+
 def _agreement(plan: BenchPlan, model, tok) -> dict | None:
     """KL, top-1 agreement and ECE against the held-out teacher cache (an error entry, not a crash)."""
     cfg = plan.cfg
@@ -301,46 +378,112 @@ def _agreement(plan: BenchPlan, model, tok) -> dict | None:
         return {"error": str(err)}
 
 
-def _score(plan: BenchPlan, name: str, greedy, sampled):
-    """Accuracy per rule (with curves over n), the answer parse rate and the per-completion records."""
+def _score(plan: BenchPlan, name: str, greedy, sampled, searched=None):
+    """Accuracy per rule (with curves over n and token costs), the answer parse rate and the
+    per-completion records. With several scorers, best-of-N and weighted best-of-N are computed for
+    their combination (the plain rule names) and for each scorer alone (`rule[NAME]`)."""
+    from distill.bench.compute import compute_points
     from teachers.verify import answers_match, extract_answer
 
     problems, details = plan.problems, []
     accuracy: dict = {}
     curves: dict = {}
+    compute: dict = {}
     parsed = total = 0
     if greedy is not None:
-        g_correct = 0
+        g_correct, g_tokens = 0, 0
         for prob, comps in zip(problems, greedy):
             pred = _answer_of(comps[0].text, extract_answer)
             ok = pred is not None and bool(answers_match(pred, prob.gold))
             g_correct += ok
+            g_tokens += comps[0].num_tokens
             parsed += pred is not None
             total += 1
             details.append({"model": name, "id": prob.id, "kind": "greedy", "gold": prob.gold,
                             "answer": pred, "correct": ok, "num_tokens": comps[0].num_tokens,
                             "finished": comps[0].finished, "text": comps[0].text})
         accuracy["greedy"] = accuracy_entry(g_correct, len(problems))
+        compute["greedy"] = [{"samples": 1, "generated_tokens": g_tokens / max(1, len(problems)), "scorer_tokens": 0.0,
+                              "total_tokens": g_tokens / max(1, len(problems)), **accuracy["greedy"]}]
     if sampled is not None:
-        per_problem = []
+        scorer = plan.scorer
+        views = _scored_views(plan)  # rule key -> (base rule, scorer name or None for the combination)
+        per_view: dict[str, list] = {key: [] for key in views}
+        plain, gen_tokens, view_tokens = [], [], {key: [] for key in views}
         for prob, comps in zip(problems, sampled):
-            weights = plan.scorer.score([prob.question] * len(comps), comps) if plan.scorer else [0.0] * len(comps)
-            row = []
-            for i, (c, w) in enumerate(zip(comps, weights)):
+            if scorer is not None:
+                each, combined = scorer.evaluate([prob.question] * len(comps), comps)
+            else:
+                each, combined = {}, [None] * len(comps)
+            row, answers = [], []
+            for i, c in enumerate(comps):
                 pred = _answer_of(c.text, extract_answer)
                 ok = pred is not None and bool(answers_match(pred, prob.gold))
                 parsed += pred is not None
                 total += 1
-                row.append(Sample(answer=normalise_answer(pred), correct=ok, score=float(w)))
-                details.append({"model": name, "id": prob.id, "kind": "sample", "index": i, "gold": prob.gold,
-                                "answer": pred, "correct": ok, "score": float(w), "num_tokens": c.num_tokens,
-                                "finished": c.finished, "text": c.text})
-            per_problem.append(row)
-        counts = accuracy_curves(per_problem, plan.sampled_rules, plan.grid)
-        for rule in plan.sampled_rules:
-            curves[rule] = {str(n): accuracy_entry(counts[rule][n], len(problems)) for n in plan.grid}
-            accuracy[rule] = curves[rule][str(plan.cfg.samples)]
-    return accuracy, curves, (parsed / total if total else None), details
+                answers.append((normalise_answer(pred), ok))
+                weight = combined[i].weight if combined[i] is not None else 0.0
+                row.append(Sample(answer=normalise_answer(pred), correct=ok, score=float(weight)))
+                record = {"model": name, "id": prob.id, "kind": "sample", "index": i, "gold": prob.gold,
+                          "answer": pred, "correct": ok, "score": float(weight), "num_tokens": c.num_tokens,
+                          "finished": c.finished, "text": c.text}
+                if combined[i] is not None:
+                    record["scorer_tokens"] = combined[i].tokens
+                if len(each) > 1 or any(s[i].extra for s in each.values()):
+                    record["scores"] = {k: {"weight": v[i].weight, "tokens": v[i].tokens, **v[i].extra}
+                                        for k, v in each.items()}
+                details.append(record)
+            plain.append(row)
+            gen_tokens.append([c.num_tokens for c in comps])
+            for key, (_, who) in views.items():
+                scored = combined if who is None else each[who]
+                per_view[key].append([Sample(a, ok, float(s.weight)) for (a, ok), s in zip(answers, scored)])
+                view_tokens[key].append([s.tokens for s in scored])
+        unscored = [r for r in plan.sampled_rules if r not in SCORED_RULES]
+        counts = accuracy_curves(plain, unscored, plan.grid)
+        for key, (rule, _) in views.items():
+            counts[key] = accuracy_curves(per_view[key], [rule], plan.grid)[rule]
+        zeros = [[0] * len(g) for g in gen_tokens]
+        for key in unscored + list(views):
+            curves[key] = {str(n): accuracy_entry(counts[key][n], len(problems)) for n in plan.grid}
+            accuracy[key] = curves[key][str(plan.cfg.samples)]
+            compute[key] = compute_points(curves[key], gen_tokens, view_tokens.get(key, zeros), plan.grid)
+    for rule, results in (searched or {}).items():
+        correct = gen = sc = 0
+        for prob, res in zip(problems, results):
+            pred = _answer_of(res.text, extract_answer)
+            ok = pred is not None and bool(answers_match(pred, prob.gold))
+            correct += ok
+            gen += res.generated_tokens
+            sc += res.scorer_tokens
+            details.append({"model": name, "id": prob.id, "kind": rule, "gold": prob.gold, "answer": pred,
+                            "correct": ok, "value": res.value, "num_tokens": res.generated_tokens,
+                            "scorer_tokens": res.scorer_tokens, "finished": res.finished, "text": res.text})
+        count = max(1, len(problems))
+        accuracy[rule] = accuracy_entry(correct, len(problems))
+        compute[rule] = [{"samples": None, "generated_tokens": gen / count, "scorer_tokens": sc / count,
+                          "total_tokens": (gen + sc) / count, **accuracy[rule]}]
+    return accuracy, curves, compute, (parsed / total if total else None), details
+
+
+def _scored_views(plan: BenchPlan) -> dict[str, tuple[str, str | None]]:
+    """The scored rule columns: the plain rule names use the combination of the scorers; with several
+    scorers each one's own result is added as `rule[NAME]`."""
+    rules = [r for r in plan.sampled_rules if r in SCORED_RULES]
+    views: dict[str, tuple[str, str | None]] = {r: (r, None) for r in rules}
+    if plan.scorer is not None and len(plan.scorer.names) > 1:
+        for who in plan.scorer.names:
+            for r in rules:
+                views[f"{r}[{who}]"] = (r, who)
+    return views
+
+
+def result_rules(plan: BenchPlan) -> list[str]:
+    """Every accuracy column of the report, in table order."""
+    keys = list(plan.rules)
+    if plan.sampled_rules:
+        keys += [k for k in _scored_views(plan) if k not in keys]
+    return keys
 
 
 def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict], *, print_summary: bool = False) -> dict:
@@ -348,6 +491,8 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
     cfg, scorer, ranks = plan.cfg, plan.scorer, plan.ranks
     if scorer is not None:
         scorer.close()
+    if plan.step_scorer is not None:
+        plan.step_scorer.close()
     if not ranks.is_main:
         return ranks.broadcast(None)
     results = {
@@ -356,6 +501,13 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
         "settings": {
             "samples": cfg.samples, "rules": plan.rules, "scorer": (scorer.name if scorer else None),
             "scorer_description": (scorer.description if scorer else None),
+            "scorers": (scorer.describe() if scorer else []), "columns": result_rules(plan),
+            "steps": cfg.steps, "step_aggregate": cfg.step_aggregate,
+            "search": ({"step_scorer": cfg.step_scorer, "step_scorer_description": plan.step_scorer.description,
+                        "beam_size": cfg.beam_size, "width": cfg.search_width, "max_steps": cfg.search_steps,
+                        "step_max_tokens": cfg.step_max_tokens, "mcts_expansions": cfg.mcts_expansions,
+                        "mcts_rollouts": cfg.mcts_rollouts, "uct_c": cfg.uct_c, "steps": "lines"}
+                       if plan.step_scorer is not None else None),
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "quant": cfg.quant, "system_prompt": plan.system_prompt,
             "held_out_cache": str(cfg.held_out_cache) if cfg.held_out_cache is not None else None,

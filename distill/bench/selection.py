@@ -9,6 +9,8 @@ answer (or None when nothing parsable was produced, which counts as wrong). Rule
 - ``majority`` (maj@N)  the most frequent normalised answer among parsable samples (self-consistency).
 - ``best-of-n``         the answer of the single highest-scored parsable sample.
 - ``weighted-best-of-n`` scores summed per distinct normalised answer; the largest sum wins.
+- ``beam``, ``mcts``    searches over steps guided by a step scorer (`distill.bench.search`), run by the
+                        runner with the model; one answer per problem, not a rule over the N samples.
 
 Only samples with a parsable answer take part in majority / best-of-n / weighted: an unparsable
 completion has no answer to vote for, and a reward model that likes a rambling unfinished trace
@@ -32,7 +34,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence
 
-RULES = ("greedy", "pass@n", "majority", "best-of-n", "weighted-best-of-n")
+RULES = ("greedy", "pass@n", "majority", "best-of-n", "weighted-best-of-n", "beam", "mcts")
+# Rules that search over steps with a step scorer (distill.bench.search), one answer per problem.
+SEARCH_RULES = ("beam", "mcts")
 # Rules that need the N sampled completions (everything except greedy).
 SAMPLED_RULES = ("pass@n", "majority", "best-of-n", "weighted-best-of-n")
 # Rules that need a scorer.
@@ -49,6 +53,9 @@ ALIASES = {
     "bon": "best-of-n",
     "weighted-best-of-n": "weighted-best-of-n",
     "weighted": "weighted-best-of-n",
+    "beam": "beam",
+    "beam-search": "beam",
+    "mcts": "mcts",
 }
 
 
@@ -99,7 +106,7 @@ def canonical_rules(spec: str | Sequence[str]) -> list[str]:
         if key not in ALIASES:
             raise DistillError(
                 f"unknown selection rule {raw.strip()!r}: use a comma-separated subset of "
-                "greedy,pass@n,majority,best-of-n,weighted-best-of-n"
+                "greedy,pass@n,majority,best-of-n,weighted-best-of-n,beam,mcts"
             )
         name = ALIASES[key]
         if name not in out:

@@ -75,6 +75,17 @@ def format_prompt(tokenizer, question: str, system_prompt: str | None = None) ->
     return f"{head}Question: {question}\nAnswer:"
 
 
+def scorer_text(tokenizer, question: str, completion: str) -> str:
+    """What a reward model reads: the question and the completion as user / assistant turns of its
+    chat template (no system prompt), or "question\\n\\ncompletion" without one. One function, so that
+    `distill scorer train` trains on exactly what `distill bench --scorer` scores."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        return text if isinstance(text, str) else text[0]
+    return f"{question}\n\n{completion}"
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
@@ -126,8 +137,11 @@ def _forward_kwargs(model) -> tuple[str, dict]:
 
 def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float,
                    top_p: float, max_new_tokens: int, eos: set[int], pad_id: int,
-                   on_step: Callable[[int], None] | None = None) -> list[Completion]:
-    """Generate one completion per row (left padded, KV cache, per-row Gumbel-max sampling)."""
+                   on_step: Callable[[int], None] | None = None, stop_ids: set[int] | None = None) -> list[Completion]:
+    """Generate one completion per row (left padded, KV cache, per-row Gumbel-max sampling).
+
+    A row that samples a token of `stop_ids` keeps it and stops there, unfinished (a search that
+    grows a trace one step, one line, at a time)."""
     import torch
 
     device = next(model.parameters()).device
@@ -143,6 +157,7 @@ def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[in
     vocab = len(tokenizer)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     eos_tensor = torch.tensor(sorted(eos), device=device)
+    stop_tensor = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
 
     generated = [[] for _ in range(rows)]
     logprob_sums = [0.0] * rows
@@ -173,6 +188,7 @@ def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[in
             token = torch.where(done, torch.full_like(token, pad_id), token)
             chosen = logprobs.gather(-1, token[:, None])[:, 0]
             is_eos = torch.isin(token, eos_tensor) & ~done
+            is_stop = torch.isin(token, stop_tensor) & ~done & ~is_eos
             token_list, chosen_list, eos_list = token.tolist(), chosen.tolist(), is_eos.tolist()
             done_list = done.tolist()
             for r in range(rows):
@@ -185,7 +201,7 @@ def _generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[in
                     generated[r].append(token_list[r])
             if on_step is not None:
                 on_step(rows - sum(done_list))  # tokens generated in this step
-            done = done | is_eos
+            done = done | is_eos | is_stop
             if bool(done.all()):
                 break
             # finished rows keep running (their tokens are discarded) so shapes stay rectangular
@@ -246,14 +262,15 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
 
 def generate_rows(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float,
                   top_p: float, max_new_tokens: int,
-                  on_step: Callable[[int], None] | None = None) -> list[Completion]:
-    """One completion per (token ids, seed) row; the building block of the batched APIs."""
+                  on_step: Callable[[int], None] | None = None, stop_ids: set[int] | None = None) -> list[Completion]:
+    """One completion per (token ids, seed) row; the building block of the batched APIs. `stop_ids`:
+    tokens after which a row stops, unfinished (the token kept)."""
     pad_id = tokenizer.pad_token_id
     eos = eos_ids(model, tokenizer)
     if pad_id is None:
         pad_id = min(eos)
     return _generate_rows(model, tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, on_step=on_step)
+                          max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, on_step=on_step, stop_ids=stop_ids)
 
 
 def check_settings(*, num_samples: int, temperature: float, top_p: float, max_new_tokens: int,
@@ -268,3 +285,9 @@ def check_settings(*, num_samples: int, temperature: float, top_p: float, max_ne
         raise DistillError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if batch_size < 1:
         raise DistillError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
+def newline_ids(tokenizer) -> set[int]:
+    """The tokens whose text contains a newline: where a line-by-line step ends."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    return {i for i, t in enumerate(texts) if "\n" in t}
