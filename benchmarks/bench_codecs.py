@@ -13,7 +13,9 @@ cache with the same data, steps and seed; plus SFT (cross-entropy on the solutio
 untrained student. Columns: bytes per trained position (the codec's tensors, and the whole cache),
 build time relative to the top-64 fp16 build (CPU seconds of the scoring loop), held-out
 full-vocabulary KL(teacher || student) and top-1 agreement computed with the teacher in memory on
-held-out text (not from a cache), and accuracy on held-out synthetic problems (greedy).
+held-out text (not from a cache), and accuracy on held-out synthetic problems (greedy, 64 new tokens).
+Students are trained on the NF4 base and evaluated with their LoRA adapter on the fp32 base (NF4
+matmuls make CPU generation minutes per model).
 
 The seven training caches hold the same teacher rows encoded seven ways, so they are built from ONE
 teacher pass (a replaying backend); build time is measured apart, each codec building with the plain
@@ -29,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -200,8 +200,6 @@ class _ReplayBackend:
         return getattr(self.inner, item)
 
     def _rows(self, seqs, positions, temperature):
-        import torch
-
         key = (tuple(tuple(s) for s in seqs), tuple(tuple(int(t) for t in p) for p in positions), float(temperature))
         if key not in self.memo:
             keep = lambda x, row: {"x": x.clone()}  # noqa: E731  scaled fp32 logits of the rows
@@ -271,14 +269,14 @@ def build(work: Path, teacher: Path, name: str, records) -> dict:
     return _cached(work / "results" / f"build-{name}.json", run)
 
 
-def train_run(work: Path, student: Path, name: str, steps: int, seed: int) -> Path:
+def train_run(work: Path, student: Path, name: str, steps: int, seed: int, quant: str = "nf4") -> Path:
     from students.train import TrainConfig, train
 
     cache, weights = RUNS[name]
-    out = work / "runs" / name
+    out = work / "runs" / (name if quant == "nf4" else f"{name}-{quant}")
     if (out / "final" / "summary.json").is_file():
         return out
-    cfg = TrainConfig(student=str(student), cache=str(work / "caches" / cache), out=str(out), quant="nf4", lora_r=16,
+    cfg = TrainConfig(student=str(student), cache=str(work / "caches" / cache), out=str(out), quant=quant, lora_r=16,
                       lora_alpha=32, lora_dropout=0.0, lr=1e-3, batch_size=4, steps=steps, warmup_steps=2,
                       eval_every=0, eval_fraction=0.0, save_every=5, seed=seed, progress=False,
                       resume=out.exists(), **weights)
@@ -334,7 +332,9 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
     from distill.models.sampling import format_prompt, sample_completions
     from teachers.verify import reward
 
-    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="nf4")
+    # The adapter on the fp32 half-depth base: NF4 matmuls on this CPU make greedy generation minutes per
+    # model; the LoRA weights are the trained ones, only the base is not re-quantized for evaluation.
+    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="none")
     model, tok = loaded.model, loaded.tokenizer
     V = len(tok)
     kl_sum, agree, n = 0.0, 0.0, 0
@@ -347,10 +347,10 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
             agree += float((lq.argmax(-1) == lp.argmax(-1)).sum())
             n += int(lp.shape[0])
         prompts = [format_prompt(tok, p["question"]) for p in problems]
-        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=80, batch_size=8)
+        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=64, batch_size=8) if prompts else []
     correct = [reward(c[0].text, p["answer"].split("####")[-1].strip())["accuracy"] for c, p in zip(comps, problems)]
     return {"heldout_kl": kl_sum / max(n, 1), "top1_agreement": agree / max(n, 1), "heldout_positions": n,
-            "accuracy": sum(correct) / max(len(correct), 1), "problems": len(correct)}
+            "accuracy": sum(correct) / len(correct) if correct else None, "problems": len(correct)}
 
 
 def main(argv=None) -> dict:
@@ -364,6 +364,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gemma", default=None, help="an imported Gemma-3-270M model directory (distill teacher import-gguf)")
     ap.add_argument("--sizes-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default="nf4", help="the student's base in training: nf4 (the recipe) or none (fp32, faster on a CPU)")
     ap.add_argument("--timing-records", type=int, default=8, help="records of the build-time comparison")
     args = ap.parse_args(argv)
     import torch
@@ -388,11 +389,12 @@ def main(argv=None) -> dict:
     teacher_lp = teacher_logits(work, teacher, heldout)
     problems = heldout_problems[: args.problems]
     runs = {}
-    runs["init"] = _cached(work / "results" / "eval-init.json",
+    runs["init"] = _cached(work / "results" / f"eval-init-p{args.problems}.json",
                            lambda: evaluate(work, None, student, teacher_lp, heldout, problems))
     for name in RUNS:
-        run_dir = train_run(work, student, name, args.steps, args.seed)
-        runs[name] = _cached(work / "results" / f"eval-{name}.json",
+        run_dir = train_run(work, student, name, args.steps, args.seed, args.quant)
+        tag = name if args.quant == "nf4" else f"{name}-{args.quant}"
+        runs[name] = _cached(work / "results" / f"eval-{tag}-p{args.problems}.json",
                              lambda: evaluate(work, run_dir, student, teacher_lp, heldout, problems))
         _log(f"{name}: {runs[name]}")
         result["runs"] = runs
@@ -416,9 +418,10 @@ def _finish(result: dict) -> dict:
         cache = RUNS[name][0] if name in RUNS else None
         b = builds.get(cache, {}) if name not in ("init", "sft") else {}
         r = runs[name]
+        acc = r["accuracy"]
         rows.append(f"{name:26s} {b.get('codec_bytes_per_position', float('nan')):8.1f} "
                     f"{b.get('build_cpu_ratio', float('nan')):6.2f} {r['heldout_kl']:8.4f} {r['top1_agreement']:6.3f} "
-                    f"{r['accuracy']:6.3f}")
+                    f"{'n/a' if acc is None else f'{acc:.3f}':>6s}")
     if rows:
         print("run                        B/pos   build     KL    top1    acc")
         print("\n".join(rows))
