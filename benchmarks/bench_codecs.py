@@ -16,7 +16,8 @@ equal-bytes comparison. Columns: bytes per trained position (the codec's tensors
 build time relative to the top-64 fp16 build (CPU seconds of the scoring loop), held-out
 full-vocabulary KL(teacher || student) and top-1 agreement computed with the teacher in memory on
 held-out text (not from a cache), each as mean and standard deviation over seeds, and accuracy on
-held-out synthetic problems (greedy, 64 new tokens), pooled over seeds with a 95% Wilson interval.
+held-out synthetic problems (greedy, 64 new tokens; the first seed's students only, generation being
+most of an evaluation's CPU time) with a 95% Wilson interval.
 Students are trained on the NF4 base and evaluated with their LoRA adapter on the fp32 base (NF4
 matmuls make CPU generation minutes per model).
 
