@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from distill.pipeline.commands import run_pipeline
@@ -74,7 +75,8 @@ def test_two_rounds_resume_after_kill_and_export_the_last(tmp_path, tiny_model_d
     config = onpolicy_config(tmp_path, tiny_model_dir)
     run = tmp_path / "run"
     round1, round2 = run / "onpolicy" / "round-1", run / "onpolicy" / "round-2"
-    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", str(config)], cwd=REPO,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only spin on a shared CPU
+    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (round1 / "done.json").exists() and proc.poll() is None:
@@ -86,7 +88,12 @@ def test_two_rounds_resume_after_kill_and_export_the_last(tmp_path, tiny_model_d
     round1_mtime = (round1 / "train" / "final" / "adapter_model.safetensors").stat().st_mtime_ns
 
     capsys.readouterr()
-    ctx = run_pipeline(load_config(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctx = run_pipeline(load_config(config))
+    finally:
+        torch.set_num_threads(threads)
     said = capsys.readouterr().out
     assert "round 1/2: complete, skipped" in said and "round 2/2: student samples" in said
     assert (round1 / "train" / "final" / "adapter_model.safetensors").stat().st_mtime_ns == round1_mtime
