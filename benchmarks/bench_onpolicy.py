@@ -145,9 +145,9 @@ def main() -> None:
 
 
 def _accuracy(traces: list[dict]) -> tuple[int, int]:
-    from teachers.generate import default_verify
+    from teachers.verify import is_correct
 
-    return sum(default_verify(t["completion"], t["gold"]) for t in traces), len(traces)
+    return sum(is_correct(t["completion"], t["gold"]) for t in traces), len(traces)
 
 
 def _tokens(cache: Path) -> dict:

@@ -94,10 +94,9 @@ def start_spec(cfg: RLConfig):
 
 def rewards(verify: Callable[[str, str], bool] | None = None) -> list[Callable]:
     """Our verifiers as TRL reward functions: `(completions, gold, **columns) -> [float]`."""
-    from teachers.generate import default_verify
-    from teachers.verify import format_ok
+    from teachers.verify import format_ok, is_correct
 
-    check = verify or default_verify
+    check = verify or is_correct
 
     def accuracy_reward(completions, gold, **_):
         return [float(check(c, g)) for c, g in zip(completions, gold)]

@@ -25,19 +25,13 @@ from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, form
 from distill.options import option, validate
 from distill.ranks import Ranks, current_ranks
 from teachers.cache_settings import DEVICE_MAP_CHOICES
+from teachers.verify import is_correct
 
 TRACE_FORMAT_VERSION = 1
 # STaR's rationalization hint (Zelikman et al. 2022), appended to the question of a problem that sampling
 # got wrong. Only the generation prompt carries it: the stored trace keeps the plain question, so the
 # student learns to reach the answer without being told it.
 HINT_TEMPLATE = "{question}\n\n(Hint: the correct final answer is {answer}. Reason step by step to reach it.)"
-
-
-def default_verify(completion: str, gold: str | None) -> bool:
-    """Does `completion` state the gold answer (the accuracy reward of `teachers.verify`)?"""
-    from teachers.verify import answers_match, extract_answer
-
-    return answers_match(extract_answer(completion), gold)
 
 
 @dataclass
@@ -162,7 +156,7 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
     (backend name included) is recorded with every trace.
 
     STaR rationalization (`rationalize` > 0): once every sample is written, each problem none of whose
-    samples `verify(completion, gold)` accepts (default: the accuracy reward, `default_verify`) gets
+    samples `verify(completion, gold)` accepts (default: the accuracy reward, `teachers.verify.is_correct`) gets
     `rationalize` more rows prompted with the gold answer as a hint (`HINT_TEMPLATE`). They are
     recorded with `rationalized: true`, sample indices from `samples` on, and the plain question: the
     filter keeps those that reach the answer, and the cache never sees the hint.
@@ -245,7 +239,7 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
             ranks.barrier()
             ranks.on_main(lambda: fold_parts(out, order))
             ranks.barrier()
-        check = verify or default_verify
+        check = verify or is_correct
         solved = {(r.get("prompt_id")) for r in read_traces(out)
                   if not r.get("rationalized") and int(r.get("sample", -1)) < samples and check(r["completion"], r.get("gold"))}
         failed = [p for p in problems if p["id"] not in solved]
