@@ -86,16 +86,16 @@ def main() -> None:
     gen = dict(samples=1, max_new_tokens=args.max_new_tokens, batch_size=16, progress=False)
 
     def teacher_traces(data: Path, name: str, temperature: float = 0.7) -> Path:
-        generate_traces(teacher=str(teacher), data=str(data), out=out / f"{name}.jsonl", temperature=temperature, **gen)
-        return _cache_on(out / f"{name}.jsonl", name)
+        generate_traces(teacher=str(teacher), data=str(data), out=out / f"{name}-traces.jsonl", temperature=temperature, **gen)
+        return _cache_on(out / f"{name}-traces.jsonl", name)
 
     def student_samples(adapter: Path, data: Path, name: str) -> Path:
         backend = student_backend(adapter, quant="nf4")
-        generate_traces(backend=backend, teacher=str(adapter), data=str(data), out=out / f"{name}.jsonl",
+        generate_traces(backend=backend, teacher=str(adapter), data=str(data), out=out / f"{name}-traces.jsonl",
                         temperature=1.0, top_p=1.0, seed=1, **gen)
         del backend
         gc.collect()
-        return _cache_on(out / f"{name}.jsonl", name)
+        return _cache_on(out / f"{name}-traces.jsonl", name)
 
     def _cache_on(traces: Path, name: str) -> Path:
         filter_traces(traces, out / f"{name}-records.jsonl", keep="all", require_format=False, echo=None)
@@ -119,12 +119,12 @@ def main() -> None:
 
     log("held-out: teacher traces")
     heldout_teacher = teacher_traces(heldout, "heldout-teacher")
-    teacher_acc = _accuracy(read_traces(out / "heldout-teacher.jsonl"))
+    teacher_acc = _accuracy(read_traces(out / "heldout-teacher-traces.jsonl"))
     rows = {}
     for name, adapter in (("warm start W", warm_adapter), ("offline KD", offline), ("on-policy", onpolicy)):
         log(f"held-out: {name}")
         own_cache = student_samples(adapter, heldout, f"heldout-own-{adapter.parent.name}")
-        hits, n = _accuracy(read_traces(out / f"heldout-own-{adapter.parent.name}.jsonl"))
+        hits, n = _accuracy(read_traces(out / f"heldout-own-{adapter.parent.name}-traces.jsonl"))
         rows[name] = {"kl_teacher_traces": _kl(student, adapter, heldout_teacher),
                       "kl_own_samples": _kl(student, adapter, own_cache),
                       "accuracy": hits / n, "accuracy_ci95": wilson_interval(hits, n), "n": n}

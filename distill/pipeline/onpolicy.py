@@ -79,7 +79,9 @@ def run_onpolicy(ctx: RunContext, *, student: str, start_adapter: Path, problems
 
     cfg = ctx.config
     op, ranks = cfg.onpolicy, ctx.ranks
-    digest = cfg.section_hash("teacher", "run", "data", "generate", "filter", "cache", "student", "train", "onpolicy")
+    # what a round's output depends on: every upstream section and [onpolicy] but for the number of rounds
+    digest = replace(cfg, onpolicy=replace(op, rounds=1)).section_hash(
+        "teacher", "run", "data", "generate", "filter", "cache", "student", "train", "onpolicy")
     kept_path = ctx.path("kept.jsonl")
     adapter = Path(start_adapter)
     rounds = []
