@@ -99,3 +99,15 @@ def test_resume_adds_nothing_and_a_grown_samples_count_is_refused(star_run, tiny
     assert again["written"] == 0 and out.read_bytes() == before
     with pytest.raises(DistillError, match="rationalized traces at sample indices"):
         generate_traces(samples=SAMPLES + 1, rationalize=RATIONALIZE, **args)
+
+
+def test_run_summary_table_reports_the_star_counts(star_run):
+    from distill.pipeline.commands import stage_table
+
+    root, _, out, _ = star_run
+    report = filter_traces(out, root / "kept-table.jsonl", keep="all-correct", require_format=False, verify=verify,
+                           echo=None)
+    yield_ = {k: v for k, v in report.items() if k != "per_prompt"}
+    table = stage_table({"filter": {"yield": yield_, "wall_s": 0.1}})
+    assert (f"solved by sampling {report['solved_by_sampling']}, by STaR rationalization "
+            f"{report['solved_by_rationalization']}") in table

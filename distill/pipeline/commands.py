@@ -66,6 +66,9 @@ def stage_table(outputs: dict[str, dict]) -> str:
             note = (note + " " if note else "") + (
                 f"kept {y['kept']}/{y['traces']} traces, teacher accuracy {y['accuracy']:.0%}, "
                 f"{y['prompts_kept']}/{y['prompts']} problems")
+            if y.get("rationalized_traces"):
+                note += (f"; solved by sampling {y['solved_by_sampling']}, by STaR rationalization "
+                         f"{y['solved_by_rationalization']}")
         if name == "train" and out.get("summary", {}).get("final_eval_kl") is not None:
             t = out["summary"]
             start = f"{t['initial_eval_kl']:.3f} -> " if t.get("initial_eval_kl") is not None else ""
