@@ -134,3 +134,26 @@ def test_mixed_records_share_and_determinism():
     assert mixed == mixed_records(samples, kept, mix=0.25, seed=3)
     assert mixed_records(samples, kept, mix=0.0, seed=3) == samples
     assert len(mixed_records(samples, kept[:1], mix=0.9, seed=3)) == 7  # no more than there are
+
+
+def test_train_init_adapter_continues_the_given_adapters(kd_pair, tmp_path):
+    """`--init-adapter`: a run starts from saved adapters (at lr ~0 it ends where they were), and adapters
+    of another LoRA shape are one error line."""
+    import pytest
+
+    from distill.errors import DistillError
+    from students.train import TrainConfig, train
+
+    _, student, cache = kd_pair
+    base = dict(student=str(student), cache=str(cache), quant="none", lora_r=4, lora_alpha=8, batch_size=4,
+                eval_every=0, save_every=0, gradient_checkpointing=False, progress=False)
+    train(TrainConfig(out=tmp_path / "a", steps=2, lr=1e-2, warmup_steps=0, **base))
+    train(TrainConfig(out=tmp_path / "b", steps=1, lr=1e-12, warmup_steps=0, init_adapter=str(tmp_path / "a" / "final"),
+                      **base))
+    a, b = _adapters(tmp_path / "a"), _adapters(tmp_path / "b")
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # trained: not the zero init
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    with pytest.raises(DistillError, match="does not fit this student"):
+        train(TrainConfig(out=tmp_path / "c", steps=1, init_adapter=str(tmp_path / "a" / "final"),
+                          **{**base, "lora_r": 8}))
