@@ -53,6 +53,16 @@ def _export(cfg: ExportConfig) -> None:
     typer.echo(f"exported {summary['format']} ({summary['dtype']}) model to {summary['out']}")
 
 
+def _rl(cfg) -> None:
+    """GRPO on the student with TRL (the `rl` extra): our verifiers are the rewards; export and bench take the run."""
+    from students.rl import train_rl
+
+    summary = train_rl(cfg)
+    first, last = summary["reward_first"], summary["reward_last"]
+    typer.echo(f"GRPO {summary['steps']} steps; mean reward {first if first is None else f'{first:.3f}'} -> "
+               f"{last if last is None else f'{last:.3f}'}; adapters in {summary['final_dir']}")
+
+
 student_app.command("init")(typer_command(StudentInitConfig, _init))
 
 scorer_app = typer.Typer(help="Scorers for distill bench: learned reward models from our own traces.",
@@ -79,3 +89,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(scorer_app, name="scorer")
     app.command("train")(typer_command(TrainConfig, _train))
     app.command("export")(typer_command(ExportConfig, _export))
+    from students.rl import RLConfig
+
+    app.command("rl")(typer_command(RLConfig, _rl))

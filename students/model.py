@@ -148,7 +148,11 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise DistillError(f"{adapter_dir} holds no adapter_model.safetensors; is it a checkpoint or final/ directory of a run?")
     weights = load_peft_weights(str(adapter_dir), device="cpu")
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as err:  # another LoRA rank or target set: tensors of other shapes
+        raise DistillError(f"adapter in {adapter_dir} does not fit this student (other LoRA settings?): "
+                           f"{one_line(err, 160)}") from None
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise DistillError(f"adapter in {adapter_dir} does not fit this student ({len(unexpected)} unexpected keys, e.g. {unexpected[0]})")

@@ -68,6 +68,8 @@ class TrainConfig:
     lora_targets: list[str] | None = option(None, "Comma-separated module names (default: all linear layers).", sep=",")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (less memory, ~1/3 more compute).")
     trust_remote_code: bool = option(False, "Allow the student's model directory to run its own code.")
+    init_adapter: str | None = option(None, "Start from the LoRA adapters saved in this directory (a run's final/ or a "
+                                            "checkpoint; same LoRA settings) instead of fresh ones.")
     # loss
     loss: str = option("forward-kl", "forward-kl (top-k + tail), forward-kl-renorm, reverse-kl or jsd.", choices=LOSS_CHOICES)
     temperature: float | None = option(None, "Training temperature (KD term scaled by T^2); default: the cache's. "
@@ -541,6 +543,10 @@ def prepare(cfg: TrainConfig, *, dataset=None) -> Run:
 
     set_seed(cfg.seed)  # the same LoRA initialisation in every process
     model, tokenizer = load_student(spec, device=accelerator.device, quant_storage=dist.quant_storage_for(accelerator, cfg.quant))
+    if cfg.init_adapter:  # continue a trained student (on-policy rounds); a resumed checkpoint overrides it
+        from students.model import load_adapter_weights
+
+        load_adapter_weights(model, cfg.init_adapter)
     if accelerator.process_index > 0:
         set_seed(cfg.seed, device_specific=True)  # but each its own dropout masks (the first as in a one-process run)
     # Before the first step: train through the chunked head only if it reproduces the model's logits.

@@ -61,13 +61,22 @@ def _kept_record(trace: dict, acc: bool, fmt: bool, pred: str | None) -> dict:
         "reward": {"accuracy": float(acc), "format": float(fmt)},
         "mean_logprob": trace.get("mean_logprob"), "num_tokens": trace.get("num_tokens"),
         "teacher": trace.get("teacher"), "settings": trace.get("settings"),
+        **({"rationalized": True} if trace.get("rationalized") else {}),
     }
 
 
-def filter_traces(traces: str | Path, out: str | Path, *, echo=print, **settings) -> dict:
+def filter_traces(traces: str | Path, out: str | Path, *, echo=print, verify=None, **settings) -> dict:
     """Filter the traces file `traces` into `out` (atomic write); returns the yield report.
 
-    `settings` are the other `FilterConfig` fields (keep, require_format), checked there.
+    `settings` are the other `FilterConfig` fields (keep, require_format), checked there. `verify
+    (completion, gold) -> bool` decides accuracy (default: `teachers.verify`'s answer match); give
+    the one trace generation used for STaR.
+
+    STaR rationalizations (traces with `rationalized: true`, generated with the gold answer as a hint)
+    count only for a problem that no sampled trace passed, and only those that pass are kept, in any
+    mode: a hinted trace that misses the answer it was told is no sample of anything. The report's
+    accuracy and yields are the sampled traces'; `solved_by_sampling` and `solved_by_rationalization`
+    count the problems each way solved.
     """
     cfg = validate(FilterConfig(traces=Path(traces), out=Path(out), **settings))
     in_path, out_path, keep, require_format = cfg.traces, cfg.out, cfg.keep, cfg.require_format
@@ -87,16 +96,26 @@ def filter_traces(traces: str | Path, out: str | Path, *, echo=print, **settings
 
     kept, per_prompt = [], OrderedDict()
     totals = {"traces": 0, "correct": 0, "format_ok": 0, "passing": 0, "kept": 0}
+    rationalized = {"traces": 0, "passing": 0}
+    solved = {"sampling": 0, "rationalization": 0}
     for pid, samples in groups.items():
-        scored = []
+        scored, hinted = [], []
         for s in sorted(samples):
             t = samples[s]
             pred = extract_answer(t["completion"])
-            acc = answers_match(pred, t["gold"])
+            acc = verify(t["completion"], t["gold"]) if verify is not None else answers_match(pred, t["gold"])
             fmt = format_ok(t["completion"])
             passing = acc and (fmt or not require_format)
-            scored.append((t, acc, fmt, pred, passing))
+            (hinted if t.get("rationalized") else scored).append((t, acc, fmt, pred, passing))
         passing = [x for x in scored if x[4]]
+        rationales = [x for x in hinted if x[4]]
+        rationalized["traces"] += len(hinted)
+        rationalized["passing"] += len(rationales)
+        solved_by = "sampling" if passing else "rationalization" if rationales else None
+        if solved_by:
+            solved[solved_by] += 1
+        if not passing and keep != "all":
+            passing = rationales  # STaR: the hinted traces that reached the answer stand in for samples
         if keep == "all":
             chosen = scored
         elif keep == "all-correct":
@@ -106,9 +125,13 @@ def filter_traces(traces: str | Path, out: str | Path, *, echo=print, **settings
         else:  # best
             chosen = sorted(passing, key=lambda x: (-x[2], -(x[0].get("mean_logprob") or float("-inf")),
                                                     x[0]["sample"]))[:1]
+        if keep == "all" and not any(x[4] for x in scored):
+            chosen = chosen + rationales
         kept += [_kept_record(t, acc, fmt, pred) for t, acc, fmt, pred, _ in chosen]
         row = {"samples": len(scored), "correct": sum(x[1] for x in scored), "format_ok": sum(x[2] for x in scored),
-               "passing": len(passing), "kept": len(chosen)}
+               "passing": sum(x[4] for x in scored), "kept": len(chosen)}
+        if hinted:
+            row.update(rationalized=len(hinted), rationalized_passing=len(rationales), solved_by=solved_by)
         per_prompt[pid] = row
         for key in totals:
             totals[key] += row["samples" if key == "traces" else key]
@@ -120,6 +143,8 @@ def filter_traces(traces: str | Path, out: str | Path, *, echo=print, **settings
         "in": str(in_path), "out": str(out_path), "keep": keep, "require_format": require_format,
         "prompts": prompts, **totals,
         "prompts_with_correct": with_correct, "prompts_kept": with_kept,
+        "solved_by_sampling": solved["sampling"], "solved_by_rationalization": solved["rationalization"],
+        "rationalized_traces": rationalized["traces"], "rationalized_passing": rationalized["passing"],
         "accuracy": totals["correct"] / totals["traces"],
         "format_rate": totals["format_ok"] / totals["traces"],
         "trace_yield": totals["kept"] / totals["traces"],
@@ -147,4 +172,8 @@ def format_report(report: dict, max_rows: int = 20) -> list[str]:
         f"{report['prompts_kept']}/{report['prompts']} prompts ({report['prompt_yield']:.1%}); "
         f"accuracy {report['accuracy']:.1%}, format {report['format_rate']:.1%} [keep={report['keep']}, "
         f"require_format={report['require_format']}] -> {report['out']}")
+    if report.get("rationalized_traces"):
+        lines.append(f"solved by sampling: {report['solved_by_sampling']}, by STaR rationalization: "
+                     f"{report['solved_by_rationalization']} ({report['rationalized_passing']}/"
+                     f"{report['rationalized_traces']} hinted traces reached the answer)")
     return lines

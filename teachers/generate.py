@@ -25,8 +25,13 @@ from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, form
 from distill.options import option, validate
 from distill.ranks import Ranks, current_ranks
 from teachers.cache_settings import DEVICE_MAP_CHOICES
+from teachers.verify import is_correct
 
 TRACE_FORMAT_VERSION = 1
+# STaR's rationalization hint (Zelikman et al. 2022), appended to the question of a problem that sampling
+# got wrong. Only the generation prompt carries it: the stored trace keeps the plain question, so the
+# student learns to reach the answer without being told it.
+HINT_TEMPLATE = "{question}\n\n(Hint: the correct final answer is {answer}. Reason step by step to reach it.)"
 
 
 @dataclass
@@ -56,6 +61,9 @@ class GenerateConfig:
     trust_remote_code: bool = option(False, "Run the model repo's own code.")
     backend: str = option("hf", "Teacher backend that runs the model (hf: Hugging Face transformers).")
     progress: bool = option(True, "Show a progress bar with tokens/s.")
+    rationalize: int = option(0, "STaR rationalization: for each problem that no sample answered right, this many "
+                                 "more samples with the gold answer given as a hint; the filter keeps the ones that "
+                                 "reach it, stored without the hint (0: off).", minimum=0)
 
 
 # ----------------------------------------------------------------------------- traces file
@@ -127,7 +135,7 @@ def fold_parts(out: Path, order: dict[tuple[str, int], int]) -> int:
     return len(new)
 
 
-def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
+def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> dict:
     """Write `samples` traces per problem to `out` (JSONL, appended and flushed per batch).
 
     `settings` are the `GenerateConfig` fields (teacher, data, out, samples, ...): their defaults and
@@ -146,6 +154,12 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
     `backend` is a registered backend name (`teachers.backends.BACKENDS`, loaded for `teacher` with
     `device`, `quant`, `device_map` and `trust_remote_code`) or a ready backend object. Its identity
     (backend name included) is recorded with every trace.
+
+    STaR rationalization (`rationalize` > 0): once every sample is written, each problem none of whose
+    samples `verify(completion, gold)` accepts (default: the accuracy reward, `teachers.verify.is_correct`) gets
+    `rationalize` more rows prompted with the gold answer as a hint (`HINT_TEMPLATE`). They are
+    recorded with `rationalized: true`, sample indices from `samples` on, and the plain question: the
+    filter keeps those that reach the answer, and the cache never sees the hint.
     """
     from distill.data.gsm8k import gold_answer
     from teachers.backends import check_backend, get_backend
@@ -166,6 +180,8 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
     ranks = ranks or current_ranks(cfg.device)
     rows = [(p, smp) for p in problems for smp in range(samples)]
     order = {(p["id"], smp): i for i, (p, smp) in enumerate(rows)}
+    order.update({(p["id"], samples + j): len(rows) + i * cfg.rationalize + j  # STaR rows follow, in problem order
+                  for i, p in enumerate(problems) for j in range(cfg.rationalize)})
     ranks.on_main(lambda: fold_parts(out, order))  # what a killed multi-process run left
     existing = read_traces(out)  # validate before loading a (possibly large) teacher
     settings = {"temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
@@ -200,34 +216,85 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
     if existing and ranks.is_main:
         read_traces(out, repair=True)
 
+    # A row is (problem, sample index, hinted). Sampled rows first; STaR rationalization rows (hinted) follow
+    # for the problems that no sample solved, with sample indices from `samples` on.
     prompts = {p["id"]: format_prompt(tokenizer, p["question"], system_prompt) for p in problems}
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    todo = [b for b in batches if any((p["id"], s) not in done for p, s in b)]
-    pending_rows = sum(1 for b in todo for p, s in b if (p["id"], s) not in done)
-    mine = ranks.take(todo)
-    stats = GenerationStats()
-    bar = None
-    if cfg.progress and ranks.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rows), initial=len(rows) - pending_rows, desc="generate", unit="trace",
-                   file=sys.stderr, dynamic_ncols=True)
-    live = _LiveRate(bar, stats)
     encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in prompts.items()}
+    for rec in existing:
+        if rec.get("rationalized") and int(rec.get("sample", -1)) < samples:
+            raise DistillError(f"{out} holds rationalized traces at sample indices that --samples {samples} now covers; "
+                               "use another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     sink = out if not ranks.distributed else part_path(out, ranks.rank)
+    stats = GenerationStats()
+    phase = dict(backend=backend, done=done, ranks=ranks, sink=sink, stats=stats, settings=settings, identity=identity,
+                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                 progress=cfg.progress)
+    pending_rows = sum(1 for p, s in rows if (p["id"], s) not in done)
+    sampled_rows = [(p, s, False) for p, s in rows]
+    written = _generate_rows(sampled_rows, prompts, encoded, desc="generate", **phase)
+    rationalized_problems = 0
+    if cfg.rationalize:
+        if ranks.distributed:  # every process must see every sampled trace to agree on the failures
+            ranks.barrier()
+            ranks.on_main(lambda: fold_parts(out, order))
+            ranks.barrier()
+        check = verify or is_correct
+        solved = {(r.get("prompt_id")) for r in read_traces(out)
+                  if not r.get("rationalized") and int(r.get("sample", -1)) < samples and check(r["completion"], r.get("gold"))}
+        failed = [p for p in problems if p["id"] not in solved]
+        rationalized_problems = len(failed)
+        hinted = {p["id"]: format_prompt(tokenizer, HINT_TEMPLATE.format(question=p["question"], answer=gold_answer(p["answer"])),
+                                         system_prompt) for p in failed}
+        hinted_ids = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in hinted.items()}
+        hint_rows = [(p, samples + j, True) for p in failed for j in range(cfg.rationalize)]
+        written += _generate_rows(hint_rows, hinted, hinted_ids, desc="rationalize", **phase)
+    if ranks.distributed:
+        ranks.barrier()  # every part is complete before the main process folds them
+        ranks.on_main(lambda: fold_parts(out, order))
+        everyone = ranks.gather((written, stats))
+        written = sum(w for w, _ in everyone)
+        stats = GenerationStats(new_tokens=sum(st.new_tokens for _, st in everyone),
+                                completions=sum(st.completions for _, st in everyone),
+                                seconds=max(st.seconds for _, st in everyone))
+    stats.prompts = len(problems)
+    return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
+            "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict(),
+            "rationalized_problems": rationalized_problems}
+
+
+def _generate_rows(rows: list[tuple[dict, int, bool]], prompts: dict[str, str], encoded: dict[str, list[int]], *,
+                   backend, done: set, ranks: Ranks, sink: Path, stats: GenerationStats, settings: dict, identity: dict,
+                   temperature: float, top_p: float, max_new_tokens: int, batch_size: int, seed: int, progress: bool,
+                   desc: str) -> int:
+    """Generate the rows not in `done`, in fixed batches of `rows` shared among the processes, appending
+    one record per row to `sink`; returns the number written. A hinted row is seeded by its hinted
+    prompt and stored with the plain question (and `rationalized: true`)."""
+    from distill.data.gsm8k import gold_answer
+
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    todo = [b for b in batches if any((p["id"], s) not in done for p, s, _ in b)]
+    pending = sum(1 for b in todo for p, s, _ in b if (p["id"], s) not in done)
+    mine = ranks.take(todo)
+    bar = None
+    if progress and ranks.is_main and rows:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), initial=len(rows) - pending, desc=desc, unit="trace", file=sys.stderr,
+                   dynamic_ncols=True)
+    live = _LiveRate(bar, stats)
     written = 0
     with open(sink, "a", encoding="utf-8") as fh:
         for batch in mine:
             live.start_batch()
             t0 = time.perf_counter()
-            comps = backend.generate([encoded[p["id"]] for p, _ in batch],
-                                     [row_seed(seed, prompts[p["id"]], s) for p, s in batch],
+            comps = backend.generate([encoded[p["id"]] for p, _, _ in batch],
+                                     [row_seed(seed, prompts[p["id"]], s) for p, s, _ in batch],
                                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                      on_step=live.step if bar is not None else None)
             stats.seconds += time.perf_counter() - t0
             new = 0
-            for (p, s), comp in zip(batch, comps):
+            for (p, s, hinted), comp in zip(batch, comps):
                 stats.new_tokens += comp.num_tokens
                 stats.completions += 1
                 if (p["id"], s) in done:
@@ -239,6 +306,8 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
                     "prompt_tokens": len(encoded[p["id"]]), "finished": comp.finished,
                     "mean_logprob": round(comp.mean_logprob, 6), "settings": settings, "teacher": identity,
                 }
+                if hinted:
+                    record["rationalized"] = True
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
                 new += 1
@@ -249,17 +318,7 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
                 bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s")
     if bar is not None:
         bar.close()
-    if ranks.distributed:
-        ranks.barrier()  # every part is complete before the main process folds them
-        ranks.on_main(lambda: fold_parts(out, order))
-        everyone = ranks.gather((written, stats))
-        written = sum(w for w, _ in everyone)
-        stats = GenerationStats(new_tokens=sum(st.new_tokens for _, st in everyone),
-                                completions=sum(st.completions for _, st in everyone),
-                                seconds=max(st.seconds for _, st in everyone))
-    stats.prompts = len(problems)
-    return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
-            "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict()}
+    return written
 
 
 class _LiveRate:

@@ -169,6 +169,11 @@ def format_ok(text: str | None) -> bool:
     return not before.strip() and bool(thinking.strip()) and bool(answer.strip())
 
 
+def is_correct(completion: str | None, gold: str | None) -> bool:
+    """Does `completion` state the gold answer? (the accuracy reward; STaR and GRPO decide by it)"""
+    return answers_match(extract_answer(completion), gold)
+
+
 def reward(text: str | None, gold: str | None) -> dict:
     """R1-style rule rewards: {"accuracy": 0/1, "format": 0/1}."""
     return {"accuracy": float(answers_match(extract_answer(text), gold)), "format": float(format_ok(text))}

@@ -66,6 +66,9 @@ def stage_table(outputs: dict[str, dict]) -> str:
             note = (note + " " if note else "") + (
                 f"kept {y['kept']}/{y['traces']} traces, teacher accuracy {y['accuracy']:.0%}, "
                 f"{y['prompts_kept']}/{y['prompts']} problems")
+            if y.get("rationalized_traces"):
+                note += (f"; solved by sampling {y['solved_by_sampling']}, by STaR rationalization "
+                         f"{y['solved_by_rationalization']}")
         if name == "train" and out.get("summary", {}).get("final_eval_kl") is not None:
             t = out["summary"]
             start = f"{t['initial_eval_kl']:.3f} -> " if t.get("initial_eval_kl") is not None else ""
@@ -75,6 +78,11 @@ def stage_table(outputs: dict[str, dict]) -> str:
         if name == "gguf" and "summary" in out:
             g = out["summary"]
             note = (note + " " if note else "") + f"{Path(g['out']).name}, {g['bytes'] / 2**20:.1f} MiB ({g['architecture']}, {g['gguf_type']})"
+        if name == "onpolicy" and out.get("rounds"):
+            note = (note + " " if note else "") + "; ".join(
+                f"round {r['round']}: student accuracy {r['student_accuracy']:.0%}, {r['teacher_tokens_scored']} teacher "
+                f"tokens" + (f", held-out KL {r['final_eval_kl']:.3f}" if r.get("final_eval_kl") is not None else "")
+                for r in out["rounds"])
         if name in ("cache", "heldout") and "sequences" in out:
             note = (note + " " if note else "") + f"{out['sequences']} sequences"
         lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")

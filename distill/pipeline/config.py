@@ -90,6 +90,23 @@ class GgufSection:
                            "f16, q8_0, q4_1, q4_0 or f32; empty: skip.", choices=("",) + GGUF_TYPES)
 
 
+@dataclass
+class OnPolicySection:
+    """On-policy distillation with a cached teacher (GKD, Agarwal et al. 2024), in rounds after [train]."""
+
+    rounds: int = option(0, "Rounds of on-policy distillation after the train stage: the student samples on the training "
+                            "prompts, the teacher caches its distribution on those samples, the student trains on that "
+                            "cache (0: off).", minimum=0)
+    samples: int = option(1, "Student samples per training prompt in each round.", minimum=1)
+    mix: float = option(0.0, "Share of each round's training sequences that are teacher traces (kept traces, scored "
+                             "again with the round's samples); 0: the student's samples only.", minimum=0, exclusive_maximum=1)
+    temperature: float = option(1.0, "The student's sampling temperature (1: its own distribution).", minimum=0)
+    top_p: float = option(1.0, "The student's nucleus sampling mass.", exclusive_minimum=0, maximum=1)
+    max_new_tokens: int | None = option(None, "Longest student sample; default [generate] max_new_tokens.", minimum=1)
+    steps: int | None = option(None, "Optimizer steps per round; default: one epoch of the round's cache "
+                                     "([train] sets everything else).", minimum=1)
+
+
 # ------------------------------------------------------------------------------------------ sections
 
 
@@ -127,11 +144,13 @@ SECTIONS: dict[str, Section] = {
         "teacher": "the teacher stage's model", "out": "run.dir/student-init", "trust_remote_code": _TEACHER}),
     "train": Section(TrainConfig, TrainConfig, wired={
         "student": "[student] model or the student stage's output", "cache": "run.dir/cache", "out": "run.dir/train",
-        "seed": "[run] seed", "resume": "always: a rerun continues an interrupted training", "progress": "always shown"}),
+        "seed": "[run] seed", "resume": "always: a rerun continues an interrupted training", "progress": "always shown",
+        "init_adapter": "fresh adapters in the train stage; each on-policy round starts from the previous one's"}),
     "export": Section(ExportConfig, ExportConfig, wired={
         "run": "run.dir/train", "out": "run.dir/export", "checkpoint": "the finished training (final/)",
         "gguf_type": "[gguf] type (the GGUF file is a stage of its own)"}),
     "gguf": Section(GgufSection),
+    "onpolicy": Section(OnPolicySection),
     "bench": Section(BenchSection, BenchConfig, wired={
         "models": "the teacher and the exported student", "out": "run.dir/bench",
         "held_out_cache": "run.dir/heldout-cache", "seed": "[run] seed",
@@ -163,6 +182,7 @@ class RunConfig:
     train: TrainConfig = _section("train")
     export: ExportConfig = _section("export")
     gguf: GgufSection = _section("gguf")
+    onpolicy: OnPolicySection = _section("onpolicy")
     bench: BenchSection = _section("bench")
 
     def section(self, name: str) -> dict:
@@ -173,7 +193,11 @@ class RunConfig:
         return {f.name: self.section(f.name) for f in fields(self)}
 
     def section_hash(self, *names: str) -> str:
-        """A short hash of the named sections: a stage's output is reused only while it matches."""
+        """A short hash of the named sections: a stage's output is reused only while it matches.
+
+        A section that is off (`[onpolicy] rounds = 0`) changes no output and is left out, so that the
+        runs finished before it existed keep their markers."""
+        names = tuple(n for n in names if not (n == "onpolicy" and self.onpolicy.rounds == 0))
         blob = json.dumps({n: self.section(n) for n in names}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -7,6 +7,7 @@
     heldout   the same on held-out problems' reference solutions (for KL)        teachers/cache_build.py
     student   a student made from the teacher's layers (unless one is given)     students/init_student.py
     train     QLoRA student on the cache                                         students/train.py
+    onpolicy  rounds of on-policy distillation (when [onpolicy] rounds > 0)      distill/pipeline/onpolicy.py
     export    a plain transformers checkpoint                                    students/export.py
     gguf      the same student as one GGUF file for llama.cpp (when [gguf] type)  students/export_gguf.py
     bench     student vs teacher: accuracy, agreement, cost                       distill/bench/runner.py
@@ -33,6 +34,7 @@ UPSTREAM_TRACES = UPSTREAM_TEACHER + ("run", "data", "generate")
 UPSTREAM_CACHE = UPSTREAM_TRACES + ("filter", "cache")
 UPSTREAM_STUDENT = UPSTREAM_TEACHER + ("student",)
 UPSTREAM_TRAIN = UPSTREAM_CACHE + ("student", "train")
+UPSTREAM_STUDENT_FINAL = UPSTREAM_TRAIN + ("onpolicy",)  # "onpolicy" counts only when its rounds are on
 
 
 def teacher_dir(ctx: RunContext) -> str:
@@ -168,10 +170,21 @@ def stage_train(ctx: RunContext) -> dict:
     return {"run": str(ctx.path("train")), "summary": _jsonable(summary)}
 
 
+def stage_onpolicy(ctx: RunContext) -> dict:
+    from distill.pipeline.onpolicy import run_onpolicy
+
+    cfg = ctx.config
+    echo = print if ctx.ranks.is_main else (lambda *_: None)
+    return run_onpolicy(ctx, student=ctx.outputs["student"]["student"], start_adapter=ctx.path("train", "final"),
+                        problems=problem_source(cfg, split=cfg.data.split),
+                        cache_settings=lambda data, out: cache_settings(ctx, data, out), echo=echo)
+
+
 def stage_export(ctx: RunContext) -> dict:
+    from distill.pipeline.onpolicy import final_train_dir
     from students.export import export_run
 
-    settings = replace(ctx.config.export, run=ctx.path("train"), out=_fresh(ctx.path("export")), checkpoint=None)
+    settings = replace(ctx.config.export, run=final_train_dir(ctx), out=_fresh(ctx.path("export")), checkpoint=None)
     summary = export_run(**vars(settings))
     return {"export": str(ctx.path("export")), "summary": _jsonable(summary)}
 
@@ -181,9 +194,11 @@ def stage_gguf(ctx: RunContext) -> dict:
     so that turning it on neither redoes the export nor invalidates a finished benchmark."""
     from students.export import export_run
 
+    from distill.pipeline.onpolicy import final_train_dir
+
     kind = ctx.config.gguf.type
     out = ctx.path(f"student-{kind}.gguf")
-    summary = export_run(ctx.path("train"), out, format="gguf", gguf_type=kind, overwrite=True)
+    summary = export_run(final_train_dir(ctx), out, format="gguf", gguf_type=kind, overwrite=True)
     return {"gguf": str(out), "summary": _jsonable(summary)}
 
 
@@ -222,7 +237,8 @@ STAGES = [
     Stage("heldout", UPSTREAM_TRACES + ("cache",), stage_heldout, parallel=True),  # uses the system prompt too
     Stage("student", UPSTREAM_STUDENT, stage_student),
     Stage("train", UPSTREAM_TRAIN, stage_train, parallel=True),
-    Stage("export", UPSTREAM_TRAIN + ("export",), stage_export),
-    Stage("gguf", UPSTREAM_TRAIN + ("gguf",), stage_gguf, enabled=lambda c: bool(c.gguf.type)),
-    Stage("bench", UPSTREAM_TRAIN + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled, parallel=True),
+    Stage("onpolicy", UPSTREAM_STUDENT_FINAL, stage_onpolicy, enabled=lambda c: c.onpolicy.rounds > 0, parallel=True),
+    Stage("export", UPSTREAM_STUDENT_FINAL + ("export",), stage_export),
+    Stage("gguf", UPSTREAM_STUDENT_FINAL + ("gguf",), stage_gguf, enabled=lambda c: bool(c.gguf.type)),
+    Stage("bench", UPSTREAM_STUDENT_FINAL + ("export", "bench"), stage_bench, enabled=lambda c: c.bench.enabled, parallel=True),
 ]
