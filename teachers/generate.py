@@ -4,8 +4,10 @@ This module owns the traces file: which problems, which (problem, sample) rows a
 settings and teacher recorded with every trace, and resuming after a kill. The teacher runs behind a
 backend (`teachers.backends`, `--backend`, default "hf"); prompts and row seeds come from
 `distill.models.sampling`. A resumed file holds exactly what an uninterrupted run writes because every row is seeded by
-(seed, prompt, sample index) and batches are fixed slices of the full row list. For the same reason N
-processes (`accelerate launch`) that share the batches write the file one process writes.
+(seed, prompt, sample index) and rows are generated in fixed chunks of the full row list, each decoded
+the same way whenever it runs (continuous batching inside a chunk; a partly written chunk is redone
+whole). For the same reason N processes (`accelerate launch`) that share the chunks write the file one
+process writes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from distill.options import option, validate
 from distill.ranks import Ranks, current_ranks
 from teachers.cache_settings import DEVICE_MAP_CHOICES
 
-TRACE_FORMAT_VERSION = 1
+# 2: one uniform per row and step, inverse CDF over the top-p nucleus (1: Gumbel noise over the vocabulary)
+TRACE_FORMAT_VERSION = 2
+# Rows per resumable chunk, in decode batches: large enough that the batch rarely drains.
+CHUNK_BATCHES = 8
 
 
 @dataclass
@@ -44,7 +49,10 @@ class GenerateConfig:
     system_prompt: str | None = option(None, "System prompt (default: asks for <think>...</think>, then the answer; "
                                              "'' for none).")
     limit: int | None = option(None, "Use only the first N problems.", minimum=1)
-    batch_size: int = option(8, "Rows generated together.", minimum=1)
+    batch_size: int | None = option(None, "Rows decoded together (default: as many as --batch-tokens hold).",
+                                    minimum=1)
+    batch_tokens: int | None = option(None, "KV-cache positions (prompt + completion, over the rows) decoded "
+                                            "together when --batch-size is not given (default 32768).", minimum=1)
     seed: int = option(0, "Sampling seed (each trace is seeded by seed, prompt, sample).")
     fields: dict[str, str] | None = option(None, "Map a column: FIELD=COLUMN (repeatable).", choices=FIELD_NAMES,
                                            flag="--field", metavar="FIELD=COLUMN")
@@ -135,10 +143,12 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
 
     Resumable: finished (prompt id, sample) pairs already in `out` are skipped; a truncated last line is
     cut off; traces made with other settings or another teacher are refused. Rows are grouped in fixed
-    batches of the full (problem, sample) list and a partly written batch is regenerated whole, so a
-    resumed file holds exactly what an uninterrupted run writes. Returns a summary dict.
+    chunks of the full (problem, sample) list, each trace is written as soon as its row ends (in row
+    order), and a partly written chunk is regenerated whole, so a resumed file holds exactly what an
+    uninterrupted run writes. `batch_size` rows (default: as many as `batch_tokens` KV-cache positions
+    hold, see `distill.models.sampling.decode_capacity`) decode together. Returns a summary dict.
 
-    Several processes (`accelerate launch`, `ranks`) deal the batches still to do round robin; each
+    Several processes (`accelerate launch`, `ranks`) deal the chunks still to do round robin; each
     appends to its own part file and, when all are done, the main process appends the parts to `out`
     in row order: the file equals a one-process run's (rows are seeded one by one). A killed run's
     parts are folded in first when it is rerun, with any number of processes.
@@ -200,10 +210,16 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
     if existing and ranks.is_main:
         read_traces(out, repair=True)
 
+    from distill.models.sampling import decode_capacity
+
     prompts = {p["id"]: format_prompt(tokenizer, p["question"], system_prompt) for p in problems}
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    todo = [b for b in batches if any((p["id"], s) not in done for p, s in b)]
-    pending_rows = sum(1 for b in todo for p, s in b if (p["id"], s) not in done)
+    encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in prompts.items()}
+    capacity = decode_capacity([len(encoded[p["id"]]) for p, _ in rows], max_new_tokens, batch_size=batch_size,
+                               batch_tokens=cfg.batch_tokens)
+    size = capacity * CHUNK_BATCHES
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    todo = [c for c in chunks if any((p["id"], s) not in done for p, s in c)]
+    pending_rows = sum(1 for c in todo for p, s in c if (p["id"], s) not in done)
     mine = ranks.take(todo)
     stats = GenerationStats()
     bar = None
@@ -213,39 +229,49 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
         bar = tqdm(total=len(rows), initial=len(rows) - pending_rows, desc="generate", unit="trace",
                    file=sys.stderr, dynamic_ncols=True)
     live = _LiveRate(bar, stats)
-    encoded = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in prompts.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     sink = out if not ranks.distributed else part_path(out, ranks.rank)
     written = 0
     with open(sink, "a", encoding="utf-8") as fh:
-        for batch in mine:
-            live.start_batch()
-            t0 = time.perf_counter()
-            comps = backend.generate([encoded[p["id"]] for p, _ in batch],
-                                     [row_seed(seed, prompts[p["id"]], s) for p, s in batch],
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                     on_step=live.step if bar is not None else None)
-            stats.seconds += time.perf_counter() - t0
-            new = 0
-            for (p, s), comp in zip(batch, comps):
+        for chunk in mine:
+            ended: dict[int, object] = {}
+            cursor = [0]  # the next row of the chunk to write
+
+            def write(i: int, comp, chunk=chunk, ended=ended, cursor=cursor) -> None:
+                """Rows end in any order; a trace is written, in row order, once every row before it ended."""
+                nonlocal written
+                ended[i] = comp
                 stats.new_tokens += comp.num_tokens
                 stats.completions += 1
-                if (p["id"], s) in done:
-                    continue
-                record = {
-                    "prompt_id": p["id"], "sample": s, "question": p["question"],
-                    "gold": gold_answer(p["answer"]), "reference": p["answer"],
-                    "completion": comp.text, "num_tokens": comp.num_tokens,
-                    "prompt_tokens": len(encoded[p["id"]]), "finished": comp.finished,
-                    "mean_logprob": round(comp.mean_logprob, 6), "settings": settings, "teacher": identity,
-                }
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-                new += 1
+                while cursor[0] in ended:
+                    comp = ended.pop(cursor[0])
+                    p, s = chunk[cursor[0]]
+                    cursor[0] += 1
+                    if (p["id"], s) in done:
+                        continue
+                    record = {
+                        "prompt_id": p["id"], "sample": s, "question": p["question"],
+                        "gold": gold_answer(p["answer"]), "reference": p["answer"],
+                        "completion": comp.text, "num_tokens": comp.num_tokens,
+                        "prompt_tokens": len(encoded[p["id"]]), "finished": comp.finished,
+                        "mean_logprob": round(comp.mean_logprob, 6), "settings": settings, "teacher": identity,
+                    }
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write per line: a kill cuts only the tail
+                    fh.flush()
+                    written += 1
+                    if bar is not None:
+                        bar.update(1)
+
+            live.start_batch()
+            t0 = time.perf_counter()
+            backend.generate([encoded[p["id"]] for p, _ in chunk],
+                             [row_seed(seed, prompts[p["id"]], s) for p, s in chunk],
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             batch_size=capacity, on_step=live.step if bar is not None else None, on_row=write)
+            stats.seconds += time.perf_counter() - t0
             fh.flush()
             os.fsync(fh.fileno())
             if bar is not None:
-                bar.update(new)
                 bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s")
     if bar is not None:
         bar.close()
@@ -259,18 +285,19 @@ def generate_traces(*, ranks: Ranks | None = None, **settings) -> dict:
                                 seconds=max(st.seconds for _, st in everyone))
     stats.prompts = len(problems)
     return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
-            "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict()}
+            "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict(),
+            "batch_size": capacity}
 
 
 class _LiveRate:
-    """Refreshes the progress bar's tok/s about once a second while a long batch runs."""
+    """Refreshes the progress bar's tok/s about once a second while a long chunk runs."""
 
     def __init__(self, bar, stats: GenerationStats):
         self.bar, self.stats = bar, stats
-        self.batch_tokens, self.batch_start, self.last = 0, time.perf_counter(), 0.0
+        self.base_tokens, self.batch_tokens, self.batch_start, self.last = 0, 0, time.perf_counter(), 0.0
 
     def start_batch(self) -> None:
-        self.batch_tokens, self.batch_start = 0, time.perf_counter()
+        self.base_tokens, self.batch_tokens, self.batch_start = self.stats.new_tokens, 0, time.perf_counter()
 
     def step(self, tokens: int) -> None:
         self.batch_tokens += tokens
@@ -278,7 +305,7 @@ class _LiveRate:
         if self.bar is not None and now - self.last > 1.0:
             self.last = now
             seconds = self.stats.seconds + now - self.batch_start
-            rate = (self.stats.new_tokens + self.batch_tokens) / seconds if seconds > 0 else 0.0
+            rate = (self.base_tokens + self.batch_tokens) / seconds if seconds > 0 else 0.0
             self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=True)
 
 
