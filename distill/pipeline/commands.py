@@ -37,9 +37,9 @@ def demo_config(out: str | Path, *, gsm8k: str | Path | None = None, quick: bool
 def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
     """Run every stage of `config`; print and return the per-stage summary."""
     from distill.pipeline.runner import run_stages
-    from distill.pipeline.stages import STAGES
+    from distill.pipeline.stages import STAGES, expected_seconds
 
-    ctx = run_stages(config, STAGES, echo=echo)
+    ctx = run_stages(config, STAGES, echo=echo, expected=expected_seconds(config))
     summary = {"run_dir": str(ctx.dir), "stages": ctx.outputs}
     if not ctx.ranks.is_main:  # the main process writes and prints the summary
         return summary
