@@ -34,6 +34,9 @@ from distill.errors import DistillError
 DEFAULT_BATCH_TOKENS = 32768
 # Prompt tokens per prefill forward when rows enter the batch.
 _PREFILL_TOKENS = 8192
+# Rows per independently decoded chunk of `sample_completions`, in decode batches: large enough that
+# the batch rarely drains at a chunk's end; the unit several processes share.
+CHUNK_BATCHES = 8
 # Tokens looked at for the top-p nucleus before a full sort of the vocabulary.
 _TOP_CANDIDATES = 64
 
@@ -721,31 +724,39 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
     rounding. With `greedy=True` one greedy completion per prompt is decoded in the same batches
     and the result is `(greedy, sampled)`: `greedy[p]` a Completion, `sampled` as above (empty lists
     when num_samples is 0). `stats` (if given) accumulates tokens and seconds; `on_row(i, c)` is
-    called as each completion ends (progress bars). `take` picks this process's share of the prompts
-    (`distill.ranks.Ranks.take`); the completions of the other prompts are left None, for the caller
-    to gather. Every row is seeded on its own, so together the processes get a one-process run's rows.
+    called as each completion ends (progress bars).
+
+    The prompts are decoded in fixed chunks of about `CHUNK_BATCHES` batches of rows (one chunk when
+    they fit), each chunk the same way in any process: `take` picks this process's share of the
+    chunks (`distill.ranks.Ranks.take`) and the completions of the other chunks are left None, for
+    the caller to gather; together the processes get exactly a one-process run's completions.
     """
     check_settings(num_samples=num_samples if not greedy or num_samples else 1, temperature=temperature, top_p=top_p,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens)
-    mine = list(range(len(prompts))) if take is None else take(list(range(len(prompts))))
-    rows = [(p, s) for p in mine for s in range(num_samples)]
-    temps = [temperature] * len(rows)
-    tops = [top_p] * len(rows)
-    if greedy:
-        rows += [(p, -1) for p in mine]
-        temps += [0.0] * len(mine)
-        tops += [1.0] * len(mine)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    each = num_samples + (1 if greedy else 0)
+    capacity = decode_capacity([len(e) for e in encoded for _ in range(each)], max_new_tokens,
+                               batch_size=batch_size, batch_tokens=batch_tokens)
+    per_chunk = max(1, capacity * CHUNK_BATCHES // max(each, 1))
+    chunks = [list(range(i, min(i + per_chunk, len(prompts)))) for i in range(0, len(prompts), per_chunk)]
+    mine = chunks if take is None else take(chunks)
+    rows, comps = [], []
     t0 = time.perf_counter()
-    comps = generate_rows(model, tokenizer, [encoded[p] for p, _ in rows],
-                          [row_seed(seed, prompts[p], max(s, 0)) for p, s in rows], temperature=temps, top_p=tops,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens,
-                          on_row=on_row)
+    for chunk in mine:
+        part = [(p, s) for p in chunk for s in range(num_samples)] + ([(p, -1) for p in chunk] if greedy else [])
+        base = len(rows)
+        rows += part
+        comps += generate_rows(model, tokenizer, [encoded[p] for p, _ in part],
+                               [row_seed(seed, prompts[p], max(s, 0)) for p, s in part],
+                               temperature=[0.0 if s < 0 else temperature for _, s in part],
+                               top_p=[1.0 if s < 0 else top_p for _, s in part], max_new_tokens=max_new_tokens,
+                               batch_size=capacity,
+                               on_row=None if on_row is None else (lambda i, c, base=base: on_row(base + i, c)))
     if stats is not None:
         stats.seconds += time.perf_counter() - t0
         stats.completions += len(rows)
         stats.new_tokens += sum(c.num_tokens for c in comps)
-        stats.prompts += len(mine)
+        stats.prompts += sum(len(c) for c in mine)
     sampled: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
     firsts: list[Completion | None] = [None] * len(prompts)
     for (p, s), c in zip(rows, comps):
