@@ -85,6 +85,8 @@ def test_each_stage_line_says_how_long_the_rest_takes(tmp_path):
     run_stages(cfg, make_stages([]), echo=lines.append, expected={"one": 1.0, "two": 60.0, "three": 120.0})
     done = [line for line in lines if "done in" in line]
     assert len(done) == 3 and "left" in done[0] and "left" in done[1] and "left" not in done[2]
+    marker = json.loads((tmp_path / "run" / "stages" / "two.json").read_text())
+    assert marker["cpu_s"] >= 0 and marker["wall_s"] >= 0  # CPU time beside wall time: shared machines
     lines.clear()
     run_stages(cfg, make_stages([]), echo=lines.append, expected={"one": 1.0, "two": 60.0, "three": 120.0})
     assert lines[0] == "[1/3] one: complete, skipped; about 3 min 00 s left"

@@ -58,7 +58,7 @@ def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
 
 def stage_table(outputs: dict[str, dict]) -> str:
     """A Markdown table of each stage's wall time, with the filter's yield."""
-    lines = ["| stage | wall time | note |", "|---|---:|---|"]
+    lines = ["| stage | wall time | CPU time | note |", "|---|---:|---:|---|"]
     for name, out in outputs.items():
         note = "reused" if out.get("skipped") else ""
         if name == "filter" and "yield" in out:
@@ -77,7 +77,8 @@ def stage_table(outputs: dict[str, dict]) -> str:
             note = (note + " " if note else "") + f"{Path(g['out']).name}, {g['bytes'] / 2**20:.1f} MiB ({g['architecture']}, {g['gguf_type']})"
         if name in ("cache", "heldout") and "sequences" in out:
             note = (note + " " if note else "") + f"{out['sequences']} sequences"
-        lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")
+        cpu = f"{out['cpu_s']:.1f} s" if out.get("cpu_s") is not None else ""
+        lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {cpu} | {note} |")
     return "\n".join(lines)
 
 

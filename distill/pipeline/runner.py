@@ -102,19 +102,22 @@ def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo, ranks
         digest = config.section_hash(*stage.sections)
         done = ranks.on_main(lambda: _finished(marker, digest, stage, ctx.dir))
         if done is not None:
-            ctx.outputs[stage.name] = done["outputs"] | {"wall_s": done["wall_s"], "skipped": True}
+            ctx.outputs[stage.name] = done["outputs"] | {"wall_s": done["wall_s"], "cpu_s": done.get("cpu_s"),
+                                                         "skipped": True}
             echo(f"[{number}/{len(active)}] {stage.name}: complete, skipped{left_note(number)}")
             continue
         echo(f"[{number}/{len(active)}] {stage.name} ...")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if stage.parallel:
             outputs = ranks.broadcast(stage.run(ctx))
         else:
             outputs = ranks.on_main(lambda: stage.run(ctx))
         wall = round(time.perf_counter() - start, 2)
-        ranks.on_main(lambda: atomic_write_json(marker, {"hash": digest, "wall_s": wall, "outputs": outputs},
-                                                sort_keys=True))
-        ctx.outputs[stage.name] = outputs | {"wall_s": wall, "skipped": False}
+        # this process's CPU seconds (all its threads): on a shared machine the wall time also measures the others
+        cpu = round(time.process_time() - cpu_start, 2)
+        ranks.on_main(lambda: atomic_write_json(marker, {"hash": digest, "wall_s": wall, "cpu_s": cpu,
+                                                         "outputs": outputs}, sort_keys=True))
+        ctx.outputs[stage.name] = outputs | {"wall_s": wall, "cpu_s": cpu, "skipped": False}
         ran.append((stage.name, wall))
         echo(f"[{number}/{len(active)}] {stage.name}: done in {wall:.1f}s{left_note(number)}")
     return ctx
