@@ -45,7 +45,7 @@ def prepare(workdir: Path, seq: int, batch: int, n_batches: int, k: int, model_d
     info = bench_kd_step.prepare(workdir, seq, batch, n_batches, k, model_dir)
     student = workdir / "student"
     if not (student / "config.json").exists():
-        init_student(info["model_dir"], student, "every:2", overwrite=True)
+        init_student(info["model_dir"], student, keep_layers="every:2", overwrite=True)
     info["student_dir"] = str(student)
     return info
 

@@ -58,7 +58,7 @@ def prepare(work: Path, records: int, max_length: int, model_dir: str | None) ->
         model_dir = str(work / "teacher")
         import_gguf(smollm2_gguf_path(), model_dir)
     student = work / "student"
-    init_student(model_dir, student, "every:2", overwrite=True)
+    init_student(model_dir, student, keep_layers="every:2", overwrite=True)
     rows = [{"id": p["id"], "messages": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                                          {"role": "user", "content": p["question"]},
                                          {"role": "assistant", "content": p["answer"]}]}
