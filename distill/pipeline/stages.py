@@ -209,9 +209,10 @@ def stage_bench(ctx: RunContext) -> dict:
     return {"bench": str(ctx.path("bench")), "files": results["files"]}
 
 
-# Seconds each stage of the embedded demo (distill/pipeline/demo.toml) takes on the reference CPU of
-# the README's stage-time table (2-core AVX2 x86): `expected_seconds` scales them by a config's work.
-# A starting point only: the runner rescales by how fast the stages that already ran were here.
+# Seconds each stage of the embedded demo (distill/pipeline/demo.toml) is expected to take on a quiet
+# 2-core AVX2 x86 CPU: `expected_seconds` scales them by a config's work. Estimates, not yet re-measured
+# with this demo config on a quiet machine (update them with the README's stage-time table); the runner
+# rescales them by how fast the stages that already ran were on the machine at hand.
 REFERENCE_SECONDS = {"teacher": 8.0, "generate": 38.0, "filter": 0.1, "cache": 25.0, "heldout": 5.0,
                      "student": 1.5, "train": 90.0, "export": 1.0, "gguf": 3.0, "bench": 35.0}
 
