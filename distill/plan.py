@@ -182,13 +182,15 @@ def quantized_linear_bytes(n_params: int, out_features: int, quant: str, compute
 def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, context: int = 4096,
                   batch_tokens: int | None = None, optimizer: str = "paged-adamw-8bit", gradient_checkpointing: bool = True,
                   compute: str = "bf16", loss_chunk: int | None = None, top_k: int = 32, lora_dropout: float = 0.05,
-                  padded: bool = True) -> TrainingPlan:
+                  padded: bool = True, checkpoint_every: int = 1) -> TrainingPlan:
     """Bytes of each part of one training micro-step at peak (the backward pass of the loss's last chunk).
 
     `batch_tokens` defaults to one sequence of `context` tokens; sequences are `context` long (the
     longest sample sets the padded length). `compute` is bf16 (CUDA, autocast) or fp32 (CPU).
     `padded`: the batch carries an attention mask (real batches do: samples differ in length), which
     makes SDPA keep a [B, T, T] float mask per layer and repeat K/V over the query heads.
+    `checkpoint_every`: with checkpointing, every N-th decoder layer recomputes (`--checkpoint-layers
+    every:N`); the others keep their full activations.
     """
     if quant not in QUANTS:
         raise DistillError(f"--quant {quant!r} is unknown; use one of {', '.join(QUANTS)}")
@@ -212,7 +214,8 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
     other_bytes = R if quant != "none" else b
     plan = TrainingPlan(s, dict(quant=quant, lora_r=r, context=T, batch_tokens=N, sequences=B, optimizer=optimizer,
                                 gradient_checkpointing=gradient_checkpointing, compute=compute, loss_chunk=loss_chunk,
-                                top_k=top_k, lora_dropout=lora_dropout, padded=padded))
+                                top_k=top_k, lora_dropout=lora_dropout, padded=padded,
+                                checkpoint_every=checkpoint_every))
     add = lambda name, nbytes, note="": plan.parts.append(Part(name, int(nbytes), note))  # noqa: E731
 
     base = L * sum(quantized_linear_bytes(a * o, o, quant, b) for _, a, o in s.linears())
@@ -258,8 +261,10 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
     one_layer = N * per_layer_token
     grads_in_flight = N * (2 * h * R + 2 * I * b)  # gradients of the residual stream and the MLP
     if gradient_checkpointing:
-        act = N * L * h * R + one_layer + grads_in_flight
-        note = f"checkpointed: {L} layer inputs + 1 recomputed layer ({per_layer_token / 1024:.1f} KiB/token)"
+        kept = -(-L // max(1, checkpoint_every))  # layers 0, N, 2N, ... recompute; the others keep everything
+        act = N * kept * h * R + (L - kept + 1) * one_layer + grads_in_flight
+        note = (f"checkpointed: {kept} layer inputs + {L - kept} full layers + 1 recomputed layer "
+                f"({per_layer_token / 1024:.1f} KiB/token)")
     else:
         act = L * one_layer + grads_in_flight
         note = f"{per_layer_token / 1024:.1f} KiB per token per layer x {L} layers"

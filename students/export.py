@@ -125,7 +125,8 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, **s
                 model.save_pretrained(str(stage), safe_serialization=True)
                 tokenizer.save_pretrained(str(stage))
                 del model
-                qmodel = load_model(stage, what="merged model", quant="nf4", dtype=compute, device=default_device())
+                qmodel = load_model(stage, what="merged model", quant="nf4", dtype=compute, device=default_device(),
+                                    compute=False)  # re-saved only: the compute dtype asked is what is saved
                 qmodel.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
                 model = qmodel

@@ -117,7 +117,8 @@ def init_student(teacher: str | Path, out: str | Path, *, overwrite: bool = Fals
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DistillError(f"{out} already exists and is not empty; pick a new --out directory")
     tokenizer = load_tokenizer(source, what="teacher", trust_remote_code=trust_remote_code)
-    model = load_model(source, what="teacher", device="cpu", dtype="auto", trust_remote_code=trust_remote_code)
+    model = load_model(source, what="teacher", device="cpu", dtype="auto", trust_remote_code=trust_remote_code,
+                       compute=False)  # weights are copied, not run: keep the checkpoint's dtype
     if getattr(model.config, "quantization_config", None) is not None:
         raise DistillError(f"teacher {teacher} is quantized; layer pruning needs a full-precision model directory")
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -4,8 +4,10 @@ This module owns the traces file: which problems, which (problem, sample) rows a
 settings and teacher recorded with every trace, and resuming after a kill. The teacher runs behind a
 backend (`teachers.backends`, `--backend`, default "hf"); prompts and row seeds come from
 `distill.models.sampling`. A resumed file holds exactly what an uninterrupted run writes because every row is seeded by
-(seed, prompt, sample index) and batches are fixed slices of the full row list. For the same reason N
-processes (`accelerate launch`) that share the batches write the file one process writes.
+(seed, prompt, sample index) and rows are generated in fixed chunks of the full row list, each decoded
+the same way whenever it runs (continuous batching inside a chunk; a partly written chunk is redone
+whole). For the same reason N processes (`accelerate launch`) that share the chunks write the file one
+process writes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from distill.ranks import Ranks, current_ranks
 from teachers.cache_settings import DEVICE_MAP_CHOICES
 from teachers.verify import is_correct
 
-TRACE_FORMAT_VERSION = 1
+# 2: one uniform per row and step, inverse CDF over the top-p nucleus (1: Gumbel noise over the vocabulary)
+TRACE_FORMAT_VERSION = 2
+# Rows per resumable chunk, in decode batches: large enough that the batch rarely drains.
+CHUNK_BATCHES = 8
 # STaR's rationalization hint (Zelikman et al. 2022), appended to the question of a problem that sampling
 # got wrong. Only the generation prompt carries it: the stored trace keeps the plain question, so the
 # student learns to reach the answer without being told it.
@@ -49,7 +54,10 @@ class GenerateConfig:
     system_prompt: str | None = option(None, "System prompt (default: asks for <think>...</think>, then the answer; "
                                              "'' for none).")
     limit: int | None = option(None, "Use only the first N problems.", minimum=1)
-    batch_size: int = option(8, "Rows generated together.", minimum=1)
+    batch_size: int | None = option(None, "Rows decoded together (default: as many as --batch-tokens hold).",
+                                    minimum=1)
+    batch_tokens: int | None = option(None, "KV-cache positions (prompt + completion, over the rows) decoded "
+                                            "together when --batch-size is not given (default 32768).", minimum=1)
     seed: int = option(0, "Sampling seed (each trace is seeded by seed, prompt, sample).")
     fields: dict[str, str] | None = option(None, "Map a column: FIELD=COLUMN (repeatable).", choices=FIELD_NAMES,
                                            flag="--field", metavar="FIELD=COLUMN")
@@ -143,10 +151,12 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
 
     Resumable: finished (prompt id, sample) pairs already in `out` are skipped; a truncated last line is
     cut off; traces made with other settings or another teacher are refused. Rows are grouped in fixed
-    batches of the full (problem, sample) list and a partly written batch is regenerated whole, so a
-    resumed file holds exactly what an uninterrupted run writes. Returns a summary dict.
+    chunks of the full (problem, sample) list, each trace is written as soon as its row ends (in row
+    order), and a partly written chunk is regenerated whole, so a resumed file holds exactly what an
+    uninterrupted run writes. `batch_size` rows (default: as many as `batch_tokens` KV-cache positions
+    hold, see `distill.models.sampling.decode_capacity`) decode together. Returns a summary dict.
 
-    Several processes (`accelerate launch`, `ranks`) deal the batches still to do round robin; each
+    Several processes (`accelerate launch`, `ranks`) deal the chunks still to do round robin; each
     appends to its own part file and, when all are done, the main process appends the parts to `out`
     in row order: the file equals a one-process run's (rows are seeded one by one). A killed run's
     parts are folded in first when it is rerun, with any number of processes.
@@ -228,11 +238,11 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
     sink = out if not ranks.distributed else part_path(out, ranks.rank)
     stats = GenerationStats()
     phase = dict(backend=backend, done=done, ranks=ranks, sink=sink, stats=stats, settings=settings, identity=identity,
-                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                 progress=cfg.progress)
+                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 batch_tokens=cfg.batch_tokens, seed=seed, progress=cfg.progress)
     pending_rows = sum(1 for p, s in rows if (p["id"], s) not in done)
     sampled_rows = [(p, s, False) for p, s in rows]
-    written = _generate_rows(sampled_rows, prompts, encoded, desc="generate", **phase)
+    written, capacity = _generate_rows(sampled_rows, prompts, encoded, desc="generate", **phase)
     rationalized_problems = 0
     if cfg.rationalize:
         if ranks.distributed:  # every process must see every sampled trace to agree on the failures
@@ -248,7 +258,7 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
                                          system_prompt) for p in failed}
         hinted_ids = {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in hinted.items()}
         hint_rows = [(p, samples + j, True) for p in failed for j in range(cfg.rationalize)]
-        written += _generate_rows(hint_rows, hinted, hinted_ids, desc="rationalize", **phase)
+        written += _generate_rows(hint_rows, hinted, hinted_ids, desc="rationalize", **phase)[0]
     if ranks.distributed:
         ranks.barrier()  # every part is complete before the main process folds them
         ranks.on_main(lambda: fold_parts(out, order))
@@ -260,24 +270,30 @@ def generate_traces(*, ranks: Ranks | None = None, verify=None, **settings) -> d
     stats.prompts = len(problems)
     return {"out": str(out), "problems": len(problems), "samples": samples, "written": written,
             "skipped": len(rows) - pending_rows, "processes": ranks.world, "stats": stats.as_dict(),
-            "rationalized_problems": rationalized_problems}
+            "rationalized_problems": rationalized_problems, "batch_size": capacity}
 
 
 def _generate_rows(rows: list[tuple[dict, int, bool]], prompts: dict[str, str], encoded: dict[str, list[int]], *,
                    backend, done: set, ranks: Ranks, sink: Path, stats: GenerationStats, settings: dict, identity: dict,
-                   temperature: float, top_p: float, max_new_tokens: int, batch_size: int, seed: int, progress: bool,
-                   desc: str) -> int:
-    """Generate the rows not in `done`, in fixed batches of `rows` shared among the processes, appending
-    one record per row to `sink`; returns the number written. A hinted row is seeded by its hinted
-    prompt and stored with the plain question (and `rationalized: true`)."""
+                   temperature: float, top_p: float, max_new_tokens: int, batch_size: int | None,
+                   batch_tokens: int | None, seed: int, progress: bool, desc: str) -> tuple[int, int]:
+    """Generate the rows not in `done`, in fixed chunks of `rows` shared among the processes, appending
+    one record per row to `sink` in row order as rows end; returns (rows written, rows decoded together).
+    A hinted row is seeded by its hinted prompt and stored with the plain question (and `rationalized: true`)."""
     from distill.data.gsm8k import gold_answer
+    from distill.models.sampling import decode_capacity
 
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    todo = [b for b in batches if any((p["id"], s) not in done for p, s, _ in b)]
-    pending = sum(1 for b in todo for p, s, _ in b if (p["id"], s) not in done)
+    if not rows:
+        return 0, 0
+    capacity = decode_capacity([len(encoded[p["id"]]) for p, _, _ in rows], max_new_tokens, batch_size=batch_size,
+                               batch_tokens=batch_tokens)
+    size = capacity * CHUNK_BATCHES
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    todo = [c for c in chunks if any((p["id"], s) not in done for p, s, _ in c)]
+    pending = sum(1 for c in todo for p, s, _ in c if (p["id"], s) not in done)
     mine = ranks.take(todo)
     bar = None
-    if progress and ranks.is_main and rows:
+    if progress and ranks.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), initial=len(rows) - pending, desc=desc, unit="trace", file=sys.stderr,
@@ -285,51 +301,62 @@ def _generate_rows(rows: list[tuple[dict, int, bool]], prompts: dict[str, str], 
     live = _LiveRate(bar, stats)
     written = 0
     with open(sink, "a", encoding="utf-8") as fh:
-        for batch in mine:
-            live.start_batch()
-            t0 = time.perf_counter()
-            comps = backend.generate([encoded[p["id"]] for p, _, _ in batch],
-                                     [row_seed(seed, prompts[p["id"]], s) for p, s, _ in batch],
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                     on_step=live.step if bar is not None else None)
-            stats.seconds += time.perf_counter() - t0
-            new = 0
-            for (p, s, hinted), comp in zip(batch, comps):
+        for chunk in mine:
+            ended: dict[int, object] = {}
+            cursor = [0]  # the next row of the chunk to write
+
+            def write(i: int, comp, chunk=chunk, ended=ended, cursor=cursor) -> None:
+                """Rows end in any order; a trace is written, in row order, once every row before it ended."""
+                nonlocal written
+                ended[i] = comp
                 stats.new_tokens += comp.num_tokens
                 stats.completions += 1
-                if (p["id"], s) in done:
-                    continue
-                record = {
-                    "prompt_id": p["id"], "sample": s, "question": p["question"],
-                    "gold": gold_answer(p["answer"]), "reference": p["answer"],
-                    "completion": comp.text, "num_tokens": comp.num_tokens,
-                    "prompt_tokens": len(encoded[p["id"]]), "finished": comp.finished,
-                    "mean_logprob": round(comp.mean_logprob, 6), "settings": settings, "teacher": identity,
-                }
-                if hinted:
-                    record["rationalized"] = True
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-                new += 1
+                while cursor[0] in ended:
+                    comp = ended.pop(cursor[0])
+                    p, s, hinted = chunk[cursor[0]]
+                    cursor[0] += 1
+                    if (p["id"], s) in done:
+                        continue
+                    record = {
+                        "prompt_id": p["id"], "sample": s, "question": p["question"],
+                        "gold": gold_answer(p["answer"]), "reference": p["answer"],
+                        "completion": comp.text, "num_tokens": comp.num_tokens,
+                        "prompt_tokens": len(encoded[p["id"]]), "finished": comp.finished,
+                        "mean_logprob": round(comp.mean_logprob, 6), "settings": settings, "teacher": identity,
+                    }
+                    if hinted:
+                        record["rationalized"] = True
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write per line: a kill cuts only the tail
+                    fh.flush()
+                    written += 1
+                    if bar is not None:
+                        bar.update(1)
+
+            live.start_batch()
+            t0 = time.perf_counter()
+            backend.generate([encoded[p["id"]] for p, _, _ in chunk],
+                             [row_seed(seed, prompts[p["id"]], s) for p, s, _ in chunk],
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             batch_size=capacity, on_step=live.step if bar is not None else None, on_row=write)
+            stats.seconds += time.perf_counter() - t0
             fh.flush()
             os.fsync(fh.fileno())
             if bar is not None:
-                bar.update(new)
                 bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s")
     if bar is not None:
         bar.close()
-    return written
+    return written, capacity
 
 
 class _LiveRate:
-    """Refreshes the progress bar's tok/s about once a second while a long batch runs."""
+    """Refreshes the progress bar's tok/s about once a second while a long chunk runs."""
 
     def __init__(self, bar, stats: GenerationStats):
         self.bar, self.stats = bar, stats
-        self.batch_tokens, self.batch_start, self.last = 0, time.perf_counter(), 0.0
+        self.base_tokens, self.batch_tokens, self.batch_start, self.last = 0, 0, time.perf_counter(), 0.0
 
     def start_batch(self) -> None:
-        self.batch_tokens, self.batch_start = 0, time.perf_counter()
+        self.base_tokens, self.batch_tokens, self.batch_start = self.stats.new_tokens, 0, time.perf_counter()
 
     def step(self, tokens: int) -> None:
         self.batch_tokens += tokens
@@ -337,7 +364,7 @@ class _LiveRate:
         if self.bar is not None and now - self.last > 1.0:
             self.last = now
             seconds = self.stats.seconds + now - self.batch_start
-            rate = (self.stats.new_tokens + self.batch_tokens) / seconds if seconds > 0 else 0.0
+            rate = (self.base_tokens + self.batch_tokens) / seconds if seconds > 0 else 0.0
             self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=True)
 
 

@@ -119,6 +119,8 @@ def test_known_answers_give_known_accuracy(bench_run, tiny_model_dir, tmp_path):
         (["--model", "t={model}", "--task", "synthetic", "--select", "greedy,oracle"], "unknown selection rule"),
         (["--model", "t={model}", "--task", "synthetic", "--select", "majority"], "needs --samples"),
         (["--model", "t={model}", "--task", "synthetic", "--quant", "fp3"], "unknown --quant"),
+        (["--model", "t={model}", "--task", "synthetic", "--time-budget", "0"], "--time-budget must be"),
+        (["--model", "t={model}", "--task", "synthetic", "--batch-tokens", "0"], "--batch-tokens must be"),
         (["--model", "t={model}", "--model", "t={model}", "--task", "synthetic"], "given twice"),
         (["--model", "t={missing}", "--task", "synthetic", "--limit", "1"], "does not exist"),
         (["--model", "t={broken}", "--task", "synthetic", "--limit", "1"], "does not load"),
@@ -147,3 +149,19 @@ def test_out_that_is_a_file_is_refused(tiny_model_dir, tmp_path, capsys):
     out.write_text("x")
     assert run_cli(["bench", "--model", f"t={tiny_model_dir}", "--task", "synthetic", "--out", str(out)]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+def test_estimate_is_printed_up_front_and_a_time_budget_cuts_the_problems(tiny_model_dir, tiny_student_dir, tmp_path,
+                                                                          capsys):
+    args = ["bench", "--model", f"t={tiny_model_dir}", "--model", f"s={tiny_student_dir}", "--task", "synthetic",
+            "--limit", "6", "--samples", "2", "--max-new-tokens", "8", "--out"]
+    assert run_cli(args + [str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "about" not in capsys.readouterr().err  # quiet without progress and without a budget
+    assert run_cli(args + [str(tmp_path / "b")]) == 0
+    line = [l for l in capsys.readouterr().err.splitlines() if l.startswith("bench: ")]
+    assert line and line[0].startswith("bench: 6 problems x 2 models x 3 completions of <= 8 tokens: about ")
+    assert run_cli(args + [str(tmp_path / "c"), "--time-budget", "0.000001", "--no-progress"]) == 0
+    assert "using the first 1 of 6 problems" in capsys.readouterr().err
+    res = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert res["task"]["num_problems"] == 1 and res["settings"]["estimate"]["problems_used"] == 1
+    assert all(m["accuracy"]["greedy"]["n"] == 1 for m in res["models"])

@@ -58,3 +58,21 @@ def test_smollm2_import_builds_and_verifies_a_cache(tmp_path, smollm2_dir):
     top1_agree = (batch["target_ids"][..., 0][trained] == batch["targets"][trained]).float().mean()
     assert top1_agree > 0.6  # the teacher mostly predicts its own canonical answers
     assert torch.isfinite(batch["target_logprobs"]).all()
+
+
+def test_one_import_parses_the_gguf_file_once():
+    """transformers reads config, tokenizer and weights from the file separately; inside one import
+    they share one parse (the parse walks the whole vocabulary), and nothing stays patched after."""
+    import gguf
+
+    from conftest import require_smollm2
+    from distill.models.gguf import _parse_once
+    from teachers.gguf_import import smollm2_gguf_path
+
+    require_smollm2()
+    original = gguf.GGUFReader
+    with _parse_once():
+        first = gguf.GGUFReader(smollm2_gguf_path())
+        assert gguf.GGUFReader(smollm2_gguf_path()) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original

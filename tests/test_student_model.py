@@ -55,3 +55,55 @@ def test_load_errors_are_one_line(tmp_path, kd_pair):
     with pytest.raises(DistillError) as err:
         load_student(StudentSpec(path=str(kd_pair[1]), lora=LoraSettings(target_modules=["no_such_layer"])), device="cpu")
     assert "\n" not in str(err.value)
+
+
+def test_checkpoint_layers_parse_and_bad_ones_are_one_line(tmp_path):
+    from students.model import DEFAULT_CHECKPOINT_LAYERS, checkpoint_every
+    from students.train import TrainConfig
+    from distill.options import validate
+
+    assert checkpoint_every(DEFAULT_CHECKPOINT_LAYERS) == 3
+    assert [checkpoint_every(v) for v in ("all", "every:1", "every:3")] == [1, 1, 3]
+    for bad in ("every:0", "every:x", "some", "none"):
+        with pytest.raises(DistillError, match="--checkpoint-layers"):
+            checkpoint_every(bad)
+    with pytest.raises(DistillError, match="--checkpoint-layers"):
+        StudentSpec(path="x", checkpoint_layers="half")
+    with pytest.raises(DistillError, match="checkpoint.layers 'half'"):
+        validate(TrainConfig(student="s", cache="c", out=tmp_path, checkpoint_layers="half"))
+
+
+def test_checkpointing_every_other_layer_saves_part_of_the_activations_and_keeps_the_gradients(kd_pair):
+    """Which layers recompute changes time and memory, never the math: the LoRA gradients of
+    none / every:2 / all agree, and the activations kept for the backward shrink in that order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    _, student, _ = kd_pair
+    grads, saved, losses = {}, {}, {}
+    for policy in ("none", "every:2", "all"):
+        torch.manual_seed(0)
+        spec = StudentSpec(path=str(student), quant="nf4", gradient_checkpointing=policy != "none",
+                           checkpoint_layers="all" if policy == "none" else policy,
+                           lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        model, tok = load_student(spec, device="cpu")
+        model.train()
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == {"none": [False, False], "every:2": [True, False], "all": [True, True]}[policy]
+        kept = [0]
+
+        def pack(t, kept=kept):  # tensors the forward keeps for the backward (a checkpointed layer keeps its input)
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        ids = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more") * 4])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[policy] = loss.item()
+        saved[policy] = kept[0]
+        grads[policy] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert saved["none"] > saved["every:2"] > saved["all"]
+    for policy in ("every:2", "all"):
+        assert losses[policy] == pytest.approx(losses["none"], rel=1e-6)
+        for name, g in grads["none"].items():
+            torch.testing.assert_close(grads[policy][name], g, rtol=1e-4, atol=1e-6)

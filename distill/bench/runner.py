@@ -103,6 +103,11 @@ def step_spec(text: str):
     return spec
 
 
+# Rows per forward of the scorers, the search's expansions and the agreement pass when --batch-size is
+# not given (generation sizes its batches by --batch-tokens instead).
+SCORING_BATCH = 8
+
+
 @dataclass
 class BenchConfig:
     """`distill bench` and the `[bench]` section of a run config (declared once: `distill.options`
@@ -145,7 +150,13 @@ class BenchConfig:
                                 exclusive_minimum=0)
     top_p: float = option(0.95, "Nucleus sampling mass of the N samples.", exclusive_minimum=0, maximum=1)
     max_new_tokens: int = option(256, "Longest completion in tokens.", minimum=1)
-    batch_size: int = option(8, "Rows generated together (tokens/s is measured batched).", minimum=1)
+    batch_size: int | None = option(None, "Rows decoded together (default: as many as --batch-tokens hold; tokens/s "
+                                          "is measured batched).", minimum=1)
+    batch_tokens: int | None = option(None, "KV-cache positions (prompt + completion, over the rows) decoded together "
+                                            "when --batch-size is not given (default 32768).", minimum=1)
+    time_budget: float | None = option(None, "Seconds the generation may take: the first model is calibrated and the "
+                                             "problems cut to the first ones that fit (an estimate is printed either "
+                                             "way).", exclusive_minimum=0)
     seed: int = option(0, "Sampling seed.")
     system_prompt: str | None = option(None, "Default: the prompt traces were generated with.")
     trust_remote_code: bool = option(False, "Allow model directories to run their own code.")
@@ -187,6 +198,7 @@ class BenchPlan:
     step_scorer: object | None
     started: float
     ranks: object  # distill.ranks.Ranks: this process among the launcher's
+    estimate: dict | None = None  # the up-front time estimate, made on the first model
 
 
 def run_bench(models: Sequence[str] | Mapping[str, str], *, print_summary: bool = False, ranks=None,
@@ -234,13 +246,13 @@ def prepare_bench(models: Sequence[str] | Mapping[str, str], *, ranks=None, **se
     scorer = None
     if any(r in SCORED_RULES for r in rules):
         # the scorers run where the completions are gathered: reward models and teachers load on the main process only
-        scorer = make_scorers(cfg.scorer, system_prompt=system_prompt, batch_size=cfg.batch_size,
+        scorer = make_scorers(cfg.scorer, system_prompt=system_prompt, batch_size=cfg.batch_size or SCORING_BATCH,
                               trust_remote_code=cfg.trust_remote_code, only_self=not ranks.is_main,
                               steps=cfg.steps, step_aggregate=cfg.step_aggregate)
     step_scorer = None
     if any(r in SEARCH_RULES for r in rules) and ranks.is_main:  # the searches run on the main process
         step_scorer = make_step_scorer(step_spec(cfg.step_scorer), system_prompt=system_prompt,
-                                       batch_size=cfg.batch_size, aggregate=cfg.step_aggregate,
+                                       batch_size=cfg.batch_size or SCORING_BATCH, aggregate=cfg.step_aggregate,
                                        trust_remote_code=cfg.trust_remote_code)
     sampled_rules = [r for r in rules if r in SAMPLED_RULES]
     return BenchPlan(cfg=cfg, pairs=pairs, rules=rules, sampled_rules=sampled_rules,
@@ -261,6 +273,8 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
     with meter:
         loaded = load_for_bench(name, path, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code)
         load_s = time.perf_counter() - t_load
+        if plan.estimate is None and (cfg.progress or cfg.time_budget is not None):
+            _estimate(plan, name, loaded.model, loaded.tokenizer)
         greedy, sampled, stats = _generate(plan, name, loaded.model, loaded.tokenizer)
         searched, search_s = _search(plan, name, loaded.model, loaded.tokenizer) if ranks.is_main else ({}, 0.0)
         agreement = _agreement(plan, loaded.model, loaded.tokenizer) if ranks.is_main else None
@@ -287,7 +301,7 @@ def bench_model(plan: BenchPlan, name: str, path: str) -> tuple[dict | None, lis
         "tokens_per_s": (stats.new_tokens / stats.seconds) if stats.seconds > 0 else None,
         "load_seconds": round(load_s, 3),
         "search_seconds": round(search_s, 3),
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size or "auto",
         "processes": ranks.world,
     }
     if loaded.source == "adapter" and loaded.base_path:
@@ -319,20 +333,61 @@ def _generate(plan: BenchPlan, name: str, model, tok):
     cfg, ranks = plan.cfg, plan.ranks
     prompts = [format_prompt(tok, p.question, plan.system_prompt) for p in plan.problems]
     stats = _new_stats()
-    rows = len(plan.problems) * ((1 if "greedy" in plan.rules else 0) + (cfg.samples if plan.sampled_rules else 0))
+    rows = len(plan.problems) * _rows_each(plan)
     bar = _bar(cfg.progress and ranks.is_main, name, -(-rows // ranks.world))  # the main process's share
-    on_batch = (lambda rows, _t: bar.update(rows)) if bar is not None else None
-    common = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size, stats=stats,
-                  on_batch=on_batch)
-    greedy = sampled = None
-    if "greedy" in plan.rules:
-        greedy = _shared_completions(ranks, model, tok, prompts, num_samples=1, temperature=0.0, top_p=1.0, **common)
-    if plan.sampled_rules:
-        sampled = _shared_completions(ranks, model, tok, prompts, num_samples=cfg.samples,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, **common)
+    on_row = (lambda _i, _c: bar.update(1)) if bar is not None else None
+    # greedy and sampled rows decode in one pool: one prefill per problem, and the batch stays full
+    greedy, sampled = _shared_completions(
+        ranks, model, tok, prompts, num_samples=cfg.samples if plan.sampled_rules else 0,
+        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+        batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, greedy=True, stats=stats, on_row=on_row)
     if bar is not None:
         bar.close()
-    return greedy, sampled, stats
+    greedy = [[c] for c in greedy] if "greedy" in plan.rules else None
+    return greedy, (sampled if plan.sampled_rules else None), stats
+
+
+def _rows_each(plan: BenchPlan) -> int:
+    """Completions per problem: the greedy one and the N samples."""
+    return (1 if "greedy" in plan.rules else 0) + (plan.cfg.samples if plan.sampled_rules else 0)
+
+
+def _estimate(plan: BenchPlan, name: str, model, tok) -> None:
+    """Calibrate on the first model, print what the generation will take (every model assumed as fast
+    as this one: list the largest first for an upper bound) and cut the problems to `time_budget`.
+
+    Why: `distill bench` on a CPU can run for many minutes; a user should know before, not after.
+    Every process calibrates (each needs its model warm anyway); the main process's figures decide,
+    so that all processes keep the same problems.
+    """
+    from distill.models.sampling import estimate_seconds, format_prompt
+
+    cfg, ranks = plan.cfg, plan.ranks
+    rows_each = _rows_each(plan)
+    problems = plan.problems
+    prompts = [format_prompt(tok, p.question, plan.system_prompt) for p in problems]
+    est = estimate_seconds(model, tok, prompts, rows_per_prompt=max(rows_each, 1), max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
+    est = ranks.broadcast(est)
+    models = len(plan.pairs)
+    total = est["seconds"] * models / ranks.world
+    work = (f"{len(problems)} problems x {models} model{'s' if models > 1 else ''} x {rows_each} "
+            f"completion{'s' if rows_each > 1 else ''} of <= {cfg.max_new_tokens} tokens")
+    note = ""
+    if cfg.time_budget is not None and total > cfg.time_budget:
+        keep = max(1, int(len(problems) * cfg.time_budget / total))
+        note = f"; --time-budget {cfg.time_budget:g} s: using the first {keep} of {len(problems)} problems"
+        total = total * keep / len(problems)
+        plan.problems = problems[:keep]
+        plan.task_info["num_problems"] = keep
+    if ranks.is_main:
+        print(f"bench: {work}: about {total / 60:.1f} minutes here (at most: every completion at full length; "
+              f"measured on {name}: prefill {est['prefill_tokens_per_s']:.0f} tok/s, decode "
+              f"{est['decode_tokens_per_s']:.0f} tok/s at batch {est['batch']}){note}", file=sys.stderr, flush=True)
+    plan.estimate = {"seconds": round(total, 1), "measured_on": name,
+                     "prefill_tokens_per_s": round(est["prefill_tokens_per_s"], 1),
+                     "decode_tokens_per_s": round(est["decode_tokens_per_s"], 1), "batch": est["batch"],
+                     "problems_used": len(plan.problems)}
 
 
 def _search(plan: BenchPlan, name: str, model, tok) -> tuple[dict, float]:
@@ -347,7 +402,8 @@ def _search(plan: BenchPlan, name: str, model, tok) -> tuple[dict, float]:
     settings = SearchSettings(beam_size=cfg.beam_size, width=cfg.search_width, max_steps=cfg.search_steps,
                               step_max_tokens=cfg.step_max_tokens, max_new_tokens=cfg.max_new_tokens,
                               expansions=cfg.mcts_expansions, rollouts=cfg.mcts_rollouts, uct_c=cfg.uct_c,
-                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                              batch_size=cfg.batch_size or SCORING_BATCH)
     stops = newline_ids(tok)
     t0 = time.perf_counter()
     out = {}
@@ -372,7 +428,7 @@ def _agreement(plan: BenchPlan, model, tok) -> dict | None:
     from distill.bench.agreement import agreement_with_teacher
 
     try:
-        return agreement_with_teacher(model, tok, str(cfg.held_out_cache), batch_size=max(1, cfg.batch_size // 2),
+        return agreement_with_teacher(model, tok, str(cfg.held_out_cache), batch_size=max(1, (cfg.batch_size or SCORING_BATCH) // 2),
                                       max_samples=cfg.held_out_limit)
     except DistillError as err:
         return {"error": str(err)}
@@ -509,7 +565,8 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
                         "mcts_rollouts": cfg.mcts_rollouts, "uct_c": cfg.uct_c, "steps": "lines"}
                        if plan.step_scorer is not None else None),
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "quant": cfg.quant, "system_prompt": plan.system_prompt,
+            "batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "quant": cfg.quant,
+            "system_prompt": plan.system_prompt, "time_budget": cfg.time_budget, "estimate": plan.estimate,
             "held_out_cache": str(cfg.held_out_cache) if cfg.held_out_cache is not None else None,
             "tie_break": "among tied answers the one seen first in sampling order wins; only parsable samples vote",
             "curves": "accuracy at n uses the first n samples of each problem",
@@ -530,14 +587,17 @@ def finish_bench(plan: BenchPlan, model_results: list[dict], details: list[dict]
 
 
 def _shared_completions(ranks, model, tok, prompts, **kwargs):
-    """`sample_completions` with the batches dealt over the processes, gathered on every process."""
+    """`sample_completions` (greedy=True) with the problems dealt over the processes, gathered on every
+    process: (greedy [one per problem], sampled [N per problem])."""
     from distill.models.sampling import sample_completions
 
     if not ranks.distributed:
         return sample_completions(model, tok, prompts, **kwargs)
-    grids = ranks.gather(sample_completions(model, tok, prompts, take=ranks.take, **kwargs))
-    return [[next(g[p][s] for g in grids if g[p][s] is not None) for s in range(len(grids[0][p]))]
-            for p in range(len(prompts))]
+    parts = ranks.gather(sample_completions(model, tok, prompts, take=ranks.take, **kwargs))
+    greedy = [next(g[p] for g, _ in parts if g[p] is not None) for p in range(len(prompts))]
+    sampled = [[next(s[p][i] for _, s in parts if s[p][i] is not None) for i in range(len(parts[0][1][p]))]
+               for p in range(len(prompts))]
+    return greedy, sampled
 
 
 def _write_details(path: Path, details: list[dict]) -> None:

@@ -1,13 +1,23 @@
 """Where a model runs and in which float type: one answer for teachers, students and the benchmark.
 
 bf16 on a GPU (half the memory of fp32, tensor cores) and fp32 on the CPU, where bf16 matmuls are
-slow and lossy. torch is imported inside the functions so that importing `distill.models` (done by
-the CLI and the data loaders) stays cheap.
+slow and lossy. A CPU without bf16 (fp16) instructions (AVX512-BF16 / AMX on x86, the BF16 extension
+on Arm) emulates them: measured about 3x slower than fp32 on an AVX2-only EPYC. `cpu_compute_dtype`
+turns such a request into fp32 (storage dtypes, e.g. of an export or a cache, are not affected).
+torch is imported inside the functions so that importing `distill.models` (done by the CLI and the
+data loaders) stays cheap.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
+import sys
+
 from distill.errors import DistillError
+
+# /proc/cpuinfo flags that mean the CPU computes in the half type natively.
+_NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "fphp")}
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
@@ -84,3 +94,48 @@ def device_map_memory(device_map, local_rank: int = 0, local_world: int = 1) -> 
     if "cpu" in budget:
         memory["cpu"] = int(budget["cpu"] // local_world)
     return memory
+@functools.lru_cache(maxsize=None)
+def cpu_native_half(kind: str = "bf16", cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has instructions for `kind` ("bf16" | "fp16") arithmetic.
+
+    Read from the kernel's CPU flags (/proc/cpuinfo, or `cpuinfo` text in tests); Apple silicon has
+    both. Where it cannot be told, False: fp32 is then chosen, which is never the slow choice.
+    """
+    if cpuinfo is None:
+        if sys.platform == "darwin":
+            return platform.machine() == "arm64"
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return any(f in flags for f in _NATIVE_FLAGS[kind])
+
+
+def cpu_compute_dtype(dtype, device=None, *, warn: bool = True):
+    """`dtype` for computing on `device`: bf16 / fp16 become fp32 on a CPU that would emulate them.
+
+    Call it where a model is loaded to compute, not where a dtype only decides how tensors are stored.
+    `warn` prints one line to stderr when an explicit request is overridden.
+    """
+    import torch
+
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    kind = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if cpu_native_half(kind):
+        return dtype
+    if warn:
+        _warn_once(f"note: this CPU has no {kind} instructions ({kind} would be emulated, ~3x slower); computing in fp32")
+    return torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr)

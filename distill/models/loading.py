@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.models.devices import compute_dtype, parse_dtype, resolve_device
+from distill.models.devices import compute_dtype, cpu_compute_dtype, parse_dtype, resolve_device
 from distill.models.quant import bnb_config, check_quant
 from distill.models.source import resolve_source
 
@@ -65,7 +65,7 @@ def load_config(ref, *, what: str = "model", accept=("dir", "hub"), trust_remote
 def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = "none", device=None, dtype=None,
                trust_remote_code: bool = False, revision: str | None = None, device_map=None,
                max_memory: dict | None = None, adapter: str | Path | None = None, trainable: bool = False,
-               task: str = "causal-lm", quant_storage=None):
+               task: str = "causal-lm", quant_storage=None, compute: bool = True):
     """Load `ref` (a reference or a resolved ModelSource) in eval mode and return the model.
 
     quant: none | nf4 | int8. device: None (the default device), "cpu", "cuda", a torch.device.
@@ -76,6 +76,8 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
     adapter: a LoRA adapter directory applied on top (an "adapter" source brings its own); trainable
     keeps its weights trainable. task: "causal-lm" or "sequence-classification" (reward models).
     quant_storage: the dtype NF4 weights are stored in (`distill.models.quant.bnb_config`).
+    compute: the model will run (not only be re-saved): on a CPU that would emulate bf16 / fp16, the
+    weights and the 4-bit layers' compute type are then fp32, whatever was asked or saved.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
@@ -83,6 +85,8 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
     src = resolve_source(ref, what=what, accept=accept)
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device=dev, flag=f"{what} dtype")
+    if compute and torch_dtype != "auto":
+        torch_dtype = cpu_compute_dtype(torch_dtype, dev)
     base = src
     if src.kind == "adapter":
         base = resolve_source(src.base, what=f"{what} base model", accept=("dir", "hub"))
@@ -109,10 +113,40 @@ def load_model(ref, *, what: str = "model", accept=("dir", "hub"), quant: str = 
         shown = f" ({quant})" if quant != "none" else ""
         name = src.ref if base is src else f"{src.ref} (base {base.ref})"
         raise DistillError(f"{what} {name} does not load{shown}: {one_line(err)}") from None
+    if compute:
+        _compute_in_fp32_where_emulated(model, dev)
     if adapter is not None:
         model = attach_adapter(model, adapter, trainable=trainable, what=f"{what} {base.ref}")
     model.eval()
     return model
+
+
+def _compute_in_fp32_where_emulated(model, device) -> None:
+    """A model that came in bf16 / fp16 ("auto", or the compute type a 4-bit checkpoint saved) on a
+    CPU without those instructions: cast its float weights, and its 4-bit layers' compute type, to fp32."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return
+    # packed 4/8-bit weights (bitsandbytes' Params4bit / Int8Params, stored in `quant_storage`) are not floats
+    floats = [p for p in model.parameters() if type(p).__name__ not in ("Params4bit", "Int8Params")]
+    halves = {p.dtype for p in floats if p.dtype in (torch.bfloat16, torch.float16)}
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16):
+            halves.add(dtype)
+    if not any(cpu_compute_dtype(d, device) == torch.float32 for d in halves):
+        return
+    for module in model.modules():
+        if getattr(module, "compute_dtype", None) in (torch.bfloat16, torch.float16):
+            module.compute_dtype = torch.float32
+    for param in floats:
+        if param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    for buf_name, buf in list(model.named_buffers()):
+        if buf.dtype in (torch.bfloat16, torch.float16):
+            owner = model.get_submodule(buf_name.rpartition(".")[0]) if "." in buf_name else model
+            setattr(owner, buf_name.rpartition(".")[2], buf.float())
 
 
 def attach_adapter(model, adapter_dir: str | Path, *, trainable: bool = False, what: str = "the model"):

@@ -37,9 +37,9 @@ def demo_config(out: str | Path, *, gsm8k: str | Path | None = None, quick: bool
 def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
     """Run every stage of `config`; print and return the per-stage summary."""
     from distill.pipeline.runner import run_stages
-    from distill.pipeline.stages import STAGES
+    from distill.pipeline.stages import STAGES, expected_seconds
 
-    ctx = run_stages(config, STAGES, echo=echo)
+    ctx = run_stages(config, STAGES, echo=echo, expected=expected_seconds(config))
     summary = {"run_dir": str(ctx.dir), "stages": ctx.outputs}
     if not ctx.ranks.is_main:  # the main process writes and prints the summary
         return summary
@@ -58,7 +58,7 @@ def run_pipeline(config: RunConfig, *, echo=typer.echo) -> dict:
 
 def stage_table(outputs: dict[str, dict]) -> str:
     """A Markdown table of each stage's wall time, with the filter's yield."""
-    lines = ["| stage | wall time | note |", "|---|---:|---|"]
+    lines = ["| stage | wall time | CPU time | note |", "|---|---:|---:|---|"]
     for name, out in outputs.items():
         note = "reused" if out.get("skipped") else ""
         if name == "filter" and "yield" in out:
@@ -85,7 +85,8 @@ def stage_table(outputs: dict[str, dict]) -> str:
                 for r in out["rounds"])
         if name in ("cache", "heldout") and "sequences" in out:
             note = (note + " " if note else "") + f"{out['sequences']} sequences"
-        lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {note} |")
+        cpu = f"{out['cpu_s']:.1f} s" if out.get("cpu_s") is not None else ""
+        lines.append(f"| {name} | {out.get('wall_s', 0):.1f} s | {cpu} | {note} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,11 @@ A `parallel` stage (trace generation, cache builds, training, benchmark) runs on
 share its work; any other stage runs on the main process while the others wait. Only the main process
 decides what is skipped and writes the run folder's own files (config.json, the stage markers), so
 the processes never disagree about where they are.
+
+Given each stage's expected seconds (`expected`, e.g. `distill.pipeline.stages.expected_seconds`),
+the runner prints after every stage about how long the rest will take: the expected times of the
+stages left, scaled by how much faster or slower than expected the stages run so far were here.
+Why: a demo promised to take minutes must say early when a slow machine will take longer.
 """
 
 from __future__ import annotations
@@ -52,8 +57,26 @@ class Stage:
     parallel: bool = False  # runs on every process (which share its work), else on the main one only
 
 
-def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo, ranks: Ranks | None = None) -> RunContext:
-    """Run `stages` in order under `config.run.dir`; returns the context with every stage's outputs."""
+def remaining_seconds(expected: dict[str, float], done: list[tuple[str, float]], left: list[str]) -> float:
+    """Expected seconds of the stages `left`, scaled by actual / expected over the stages `done`
+    here ((name, wall seconds) of those that ran, not skipped), the ratio kept within [1/4, 8]."""
+    spent = sum(w for _, w in done)
+    planned = sum(expected.get(n, 0.0) for n, _ in done)
+    factor = min(max(spent / planned, 0.25), 8.0) if planned > 1.0 and spent > 0 else 1.0
+    return factor * sum(expected.get(n, 0.0) for n in left)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo, ranks: Ranks | None = None,
+               expected: dict[str, float] | None = None) -> RunContext:
+    """Run `stages` in order under `config.run.dir`; returns the context with every stage's outputs.
+
+    With `expected` (seconds per stage name) each stage's line ends with the time the rest should take.
+    """
     ranks = ranks or current_ranks()
     ctx = RunContext(config=config, dir=Path(config.run.dir), ranks=ranks)
     if not ranks.is_main:
@@ -66,25 +89,37 @@ def run_stages(config: RunConfig, stages: list[Stage], *, echo=typer.echo, ranks
 
     ranks.on_main(open_run)
     active = [s for s in stages if s.enabled(config)]
+    ran: list[tuple[str, float]] = []
+
+    def left_note(number: int) -> str:
+        if expected is None or number >= len(active):
+            return ""
+        rest = remaining_seconds(expected, ran, [s.name for s in active[number:]])
+        return f"; about {_duration(rest)} left"
+
     for number, stage in enumerate(active, 1):
         marker = ctx.dir / "stages" / f"{stage.name}.json"
         digest = config.section_hash(*stage.sections)
         done = ranks.on_main(lambda: _finished(marker, digest, stage, ctx.dir))
         if done is not None:
-            ctx.outputs[stage.name] = done["outputs"] | {"wall_s": done["wall_s"], "skipped": True}
-            echo(f"[{number}/{len(active)}] {stage.name}: complete, skipped")
+            ctx.outputs[stage.name] = done["outputs"] | {"wall_s": done["wall_s"], "cpu_s": done.get("cpu_s"),
+                                                         "skipped": True}
+            echo(f"[{number}/{len(active)}] {stage.name}: complete, skipped{left_note(number)}")
             continue
         echo(f"[{number}/{len(active)}] {stage.name} ...")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if stage.parallel:
             outputs = ranks.broadcast(stage.run(ctx))
         else:
             outputs = ranks.on_main(lambda: stage.run(ctx))
         wall = round(time.perf_counter() - start, 2)
-        ranks.on_main(lambda: atomic_write_json(marker, {"hash": digest, "wall_s": wall, "outputs": outputs},
-                                                sort_keys=True))
-        ctx.outputs[stage.name] = outputs | {"wall_s": wall, "skipped": False}
-        echo(f"[{number}/{len(active)}] {stage.name}: done in {wall:.1f}s")
+        # this process's CPU seconds (all its threads): on a shared machine the wall time also measures the others
+        cpu = round(time.process_time() - cpu_start, 2)
+        ranks.on_main(lambda: atomic_write_json(marker, {"hash": digest, "wall_s": wall, "cpu_s": cpu,
+                                                         "outputs": outputs}, sort_keys=True))
+        ctx.outputs[stage.name] = outputs | {"wall_s": wall, "cpu_s": cpu, "skipped": False}
+        ran.append((stage.name, wall))
+        echo(f"[{number}/{len(active)}] {stage.name}: done in {wall:.1f}s{left_note(number)}")
     return ctx
 
 

@@ -224,6 +224,50 @@ def stage_bench(ctx: RunContext) -> dict:
     return {"bench": str(ctx.path("bench")), "files": results["files"]}
 
 
+# Seconds each stage of the embedded demo (distill/pipeline/demo.toml) is expected to take on a quiet
+# 2-core AVX2 x86 CPU: `expected_seconds` scales them by a config's work. Estimates, not yet re-measured
+# with this demo config on a quiet machine (update them with the README's stage-time table); the runner
+# rescales them by how fast the stages that already ran were on the machine at hand.
+REFERENCE_SECONDS = {"teacher": 8.0, "generate": 38.0, "filter": 0.1, "cache": 25.0, "heldout": 5.0,
+                     "student": 1.5, "train": 90.0, "export": 1.0, "gguf": 3.0, "bench": 35.0}
+
+
+def _work(config: RunConfig) -> dict[str, float]:
+    """Each stage's amount of work in a unit proportional to its time (tokens generated, scored or
+    trained on), compared between two configs only."""
+    d, g, c, t, b = config.data, config.generate, config.cache, config.train, config.bench
+    problems = d.limit or 256
+    rows = problems * g.samples
+    length = t.max_length or c.max_length
+    per_step = (t.batch_tokens if isinstance(t.batch_tokens, int) else (t.batch_size or 8) * length) * t.grad_accum
+    steps = t.steps or (t.epochs or 1.0) * rows * length / max(per_step, 1)
+    imports = 1.0 if (config.teacher.gguf or config.teacher.model == "smollm2") else 0.0
+    rows_each = 1 + (b.samples if b.samples > 1 else 0)
+    return {
+        "teacher": imports,
+        "generate": rows * g.max_new_tokens,
+        "filter": rows,
+        "cache": rows * c.max_length,
+        "heldout": d.eval_limit * c.max_length,
+        "student": 0.0 if config.student.model else 1.0,
+        "train": steps * per_step,
+        "export": 1.0,
+        "gguf": 1.0 if config.gguf.type else 0.0,
+        "bench": 2 * (b.limit or 50) * rows_each * b.max_new_tokens,
+    }
+
+
+def expected_seconds(config: RunConfig) -> dict[str, float]:
+    """About how long each stage of `config` takes on the reference CPU: the demo's measured seconds
+    scaled by the work (tokens generated, scored or trained on) relative to the demo's."""
+    from distill.pipeline.commands import DEMO_CONFIG
+    from distill.pipeline.config import load_config
+
+    demo = _work(load_config(DEMO_CONFIG))
+    work = _work(config)
+    return {name: REFERENCE_SECONDS[name] * (work[name] / demo[name] if demo[name] else 1.0) for name in work}
+
+
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 

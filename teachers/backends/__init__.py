@@ -3,11 +3,15 @@
 `distill teacher generate` and `distill cache build` never touch a model: they ask a backend, chosen
 with `--backend NAME` (default "hf"), for two operations:
 
-  generate(prompt_ids, seeds, *, temperature, top_p, max_new_tokens, on_step=None) -> list[Completion]
-      one completion per row (token ids of an already formatted prompt); each row is sampled from its
-      own generator seeded by `seeds[row]`, so N samples of a prompt are N rows with distinct seeds and
-      a row's result does not depend on its batch. temperature 0 is greedy. `on_step(n)` is called with
-      the number of tokens produced at each decoding step (progress bars).
+  generate(prompt_ids, seeds, *, temperature, top_p, max_new_tokens, batch_size=None, batch_tokens=None,
+           on_step=None, on_row=None) -> list[Completion]
+      one completion per row (token ids of an already formatted prompt), in input order; each row is
+      sampled from its own generator seeded by `seeds[row]`, so N samples of a prompt are N rows with
+      distinct seeds and a row's result does not depend on its batch. temperature 0 is greedy. The
+      backend batches the rows itself (`batch_size` rows, or `batch_tokens` KV positions, at a time)
+      and, given the same rows, must decode them the same way every time (resumed trace files rely on
+      it). `on_step(n)` is called with the number of tokens produced at each decoding step (progress
+      bars), `on_row(i, completion)` as soon as row i ends (traces are written then).
   score(seqs, positions, *, k, temperature) -> (ids [R, k] int64, logprobs [R, k] float32), on the CPU
       the teacher's sparse target at every requested position: positions[b] indexes seqs[b]; row r of
       the result is the top-k of log_softmax(logits / temperature) over the tokenizer's vocabulary
@@ -66,7 +70,8 @@ class TeacherBackend(Protocol):
     def load(self) -> None: ...
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
-                 max_new_tokens: int, on_step=None) -> list: ...
+                 max_new_tokens: int, batch_size: int | None = None, batch_tokens: int | None = None,
+                 on_step=None, on_row=None) -> list: ...
 
     def score(self, seqs, positions, *, k: int, temperature: float) -> tuple[Any, Any]: ...
 

