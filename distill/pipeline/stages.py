@@ -155,6 +155,8 @@ def stage_student(ctx: RunContext) -> dict:
     from students.init_student import init_student
 
     summary = init_student(teacher_dir(ctx), ctx.path("student-init"), keep_layers=cfg.keep_layers,
+                           calibration=cfg.calibration, calibration_samples=cfg.calibration_samples,
+                           calibration_max_length=cfg.calibration_max_length, importance_rounds=cfg.importance_rounds,
                            trust_remote_code=ctx.config.teacher.trust_remote_code, overwrite=True)
     return {"student": str(ctx.path("student-init")), "init": summary}
 
