@@ -306,13 +306,13 @@ def _heldout_batches(tok, records, batch: int = 4):
         yield ids, att, trained
 
 
-def teacher_logits(work: Path, teacher: Path, heldout) -> list:
+def teacher_logits(work: Path, teacher: Path, heldout, name: str = "teacher-heldout") -> list:
     """The teacher's held-out log-probs at the trained positions, computed once (the teacher in memory)."""
     import torch
 
     from distill.models import load_model, load_tokenizer
 
-    path = work / "results" / "teacher-heldout.pt"
+    path = work / "results" / f"{name}.pt"
     if path.is_file():
         return torch.load(path)
     tok = load_tokenizer(str(teacher), what="teacher")
@@ -331,11 +331,19 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
     import torch
 
     from distill.bench.loading import load_for_bench
+
+    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="nf4")
+    return score_student(loaded.model, loaded.tokenizer, teacher_lp, heldout, problems)
+
+
+def score_student(model, tok, teacher_lp, heldout, problems) -> dict:
+    """Held-out KL(teacher || student) and top-1 agreement at the trained positions against the teacher's
+    stored log-probs (`teacher_logits`), and greedy accuracy on `problems` (none: skipped)."""
+    import torch
+
     from distill.models.sampling import format_prompt, sample_completions
     from teachers.verify import reward
 
-    loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="nf4")
-    model, tok = loaded.model, loaded.tokenizer
     V = len(tok)
     kl_sum, agree, n = 0.0, 0.0, 0
     with torch.no_grad():
@@ -347,10 +355,10 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
             agree += float((lq.argmax(-1) == lp.argmax(-1)).sum())
             n += int(lp.shape[0])
         prompts = [format_prompt(tok, p["question"]) for p in problems]
-        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=80, batch_size=8)
+        comps = sample_completions(model, tok, prompts, temperature=0.0, max_new_tokens=80, batch_size=8) if prompts else []
     correct = [reward(c[0].text, p["answer"].split("####")[-1].strip())["accuracy"] for c, p in zip(comps, problems)]
     return {"heldout_kl": kl_sum / max(n, 1), "top1_agreement": agree / max(n, 1), "heldout_positions": n,
-            "accuracy": sum(correct) / max(len(correct), 1), "problems": len(correct)}
+            "accuracy": sum(correct) / max(len(correct), 1), "correct": sum(correct), "problems": len(correct)}
 
 
 def main(argv=None) -> dict:
