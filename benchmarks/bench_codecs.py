@@ -176,7 +176,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     student = work / "student-init"
     if not (student / "config.json").is_file():
         _log("half-depth student (every:2)")
-        init_student(teacher, student, "every:2", overwrite=True)
+        init_student(teacher, student, keep_layers="every:2", overwrite=True)
     return teacher, student
 
 

@@ -7,7 +7,8 @@ JSON file under --work, written when it is measured and skipped when present; a 
 1. init: KL(teacher || student) at initialisation, held-out, for students of equal parameter count made
    by `importance:15` (the layers whose removal changes the teacher's output least on calibration
    records, measured by KL), `every:2`, and two contiguous drops (`first:15`, and the block of 15 before
-   the last layer). The NF4 teacher itself is the floor (quantization alone).
+   the last layer). The teacher itself, loaded as the students are, is the floor (0 in fp32; quantization
+   alone with --quant nf4).
 2. curves: the student trained by SFT (cross-entropy on the completions), KD (forward KL on the top-64
    cache + tail) and KD + CE, on two sources: the teacher's own samples (GSM8K training questions, the
    pipeline's real use) and human-written GSM8K solutions. At each eval point: held-out KL(teacher ||
@@ -321,8 +322,9 @@ def main(argv=None) -> dict:
     # 1. init
     specs = init_specs()
     names = args.inits.split(",") if args.inits else list(specs)
-    result["init"] = {"teacher-nf4 (floor)": _cached(work / "results" / "eval-teacher-nf4.json",
-                                                      lambda: eval_model_path(teacher, heldouts, []))}
+    # the teacher itself, loaded as the students are: 0 in fp32 (a check of the scorer), the quantization floor in nf4
+    result["init"] = {f"teacher ({QUANT})": _cached(work / "results" / f"eval-teacher-{QUANT}.json",
+                                                     lambda: eval_model_path(teacher, heldouts, []))}
     students = {}
     for name in names:
         path, summary = make_student(work, teacher, name, specs[name], calib)
@@ -336,9 +338,10 @@ def main(argv=None) -> dict:
     result["curve_init"] = best
 
     # 2. curves
-    sources = {"teacher": teacher_samples(work, teacher, gsm8k_rows("train", 0, args.train), f"train-teacher-{args.train}",
-                                          args.max_new_tokens),
-               "human": [_human(r) for r in gsm8k_rows("train", 0, args.train)]}
+    # made when a run first needs them (the teacher's samples cost minutes of generation on a CPU)
+    sources = {"teacher": lambda: teacher_samples(work, teacher, gsm8k_rows("train", 0, args.train),
+                                                  f"train-teacher-{args.train}", args.max_new_tokens),
+               "human": lambda: [_human(r) for r in gsm8k_rows("train", 0, args.train)]}
     result["curves"] = {}
     runs = [r for r in args.runs.split(",") if r]
     grid = [g for g in args.grid.split(",") if g]
@@ -354,7 +357,7 @@ def main(argv=None) -> dict:
                 settings["warmup_ratio"] = 0.1
             steps = args.grid_steps or args.steps
             at = [steps]
-        cache = build(work, teacher, settings["source"], settings["codec"], sources[settings["source"]])
+        cache = build(work, teacher, settings["source"], settings["codec"], sources[settings["source"]]())
         curve(work, students[best], cache, run, settings, steps, at, args.seed + int(seed or 0), heldouts, problems,
               result["curves"], on_point=lambda: _finish(result))
         _finish(result)

@@ -190,7 +190,7 @@ def init_student(teacher: str | Path, out: str | Path, *, overwrite: bool = Fals
     summary = {"teacher": teacher, "out": str(out), "kept_layers": keep, "teacher_layers": num_layers,
                "student_layers": len(keep), "parameters": params}
     if importance is not None:
-        summary["importance"] = importance
+        summary["importance"] = {**importance, "calibration": str(cfg.calibration)}
     return summary
 
 
