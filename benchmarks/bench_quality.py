@@ -205,7 +205,10 @@ def curve(work: Path, student: Path, cache: Path, name: str, settings: dict, ste
                                                    for k, v in ev.items() if isinstance(v, dict) and "heldout_kl" in v))
         on_point()
 
-    ckpt = lambda s: out / "checkpoints" / f"step-{s:06d}"  # noqa: E731
+    def ckpt(s: int) -> Path:  # the last step is not checkpointed: the run's adapters are in final/
+        path = out / "checkpoints" / f"step-{s:06d}"
+        return out / "final" if s == steps and not path.is_dir() else path
+
     if not all(str(s) in res["points"] for s in eval_at):
         weights = {k: v for k, v in settings.items() if k not in ("source", "codec", "loss")}
         cfg = TrainConfig(student=str(student), cache=str(cache), out=str(out), quant=QUANT, lora_dropout=0.0,
