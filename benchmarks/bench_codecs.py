@@ -219,7 +219,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     student = work / "student-init"
     if not (student / "config.json").is_file():
         _log("half-depth student (every:2)")
-        init_student(teacher, student, "every:2", overwrite=True)
+        init_student(teacher, student, keep_layers="every:2", overwrite=True)
     return teacher, student
 
 
@@ -372,13 +372,13 @@ def _heldout_batches(tok, records, batch: int = 4):
         yield ids, att, trained
 
 
-def teacher_logits(work: Path, teacher: Path, heldout) -> list:
+def teacher_logits(work: Path, teacher: Path, heldout, name: str = "teacher-heldout") -> list:
     """The teacher's held-out log-probs at the trained positions, computed once (the teacher in memory)."""
     import torch
 
     from distill.models import load_model, load_tokenizer
 
-    path = work / "results" / "teacher-heldout.pt"
+    path = work / "results" / f"{name}.pt"
     if path.is_file():
         return torch.load(path)
     tok = load_tokenizer(str(teacher), what="teacher")
@@ -397,13 +397,21 @@ def evaluate(work: Path, run_dir: Path | None, student_init: Path, teacher_lp, h
     import torch
 
     from distill.bench.loading import load_for_bench
-    from distill.models.sampling import format_prompt, sample_completions
-    from teachers.verify import reward
 
     # The adapter on the fp32 half-depth base: NF4 matmuls on this CPU make greedy generation minutes per
     # model; the LoRA weights are the trained ones, only the base is not re-quantized for evaluation.
     loaded = load_for_bench("student", str(run_dir / "final" if run_dir else student_init), quant="none")
-    model, tok = loaded.model, loaded.tokenizer
+    return score_student(loaded.model, loaded.tokenizer, teacher_lp, heldout, problems)
+
+
+def score_student(model, tok, teacher_lp, heldout, problems) -> dict:
+    """Held-out KL(teacher || student) and top-1 agreement at the trained positions against the teacher's
+    stored log-probs (`teacher_logits`), and greedy accuracy on `problems` (none: skipped)."""
+    import torch
+
+    from distill.models.sampling import format_prompt, sample_completions
+    from teachers.verify import reward
+
     V = len(tok)
     kl_sum, agree, n = 0.0, 0.0, 0
     with torch.no_grad():

@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
 
             teacher = import_gguf(smollm2_gguf_path(), Path(tmp) / "smollm2")
             student = Path(tmp) / "smollm2-student"
-            init_student(str(teacher), student, "every:2")
+            init_student(str(teacher), student, keep_layers="every:2")
             for ckpt in (False, True):
                 res = compare(str(student), context=256, sequences=4, checkpointing=ckpt)
                 res["case"] = "smollm2-student-15L" + ("-ckpt" if ckpt else "")

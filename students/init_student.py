@@ -28,15 +28,44 @@ class StudentInitConfig:
 
     teacher: str = option(help="Teacher model directory (or hub id).")
     out: Path = option(help="New model directory for the student.")
-    keep_layers: str = option("every:2", "Layers to keep: every:N, first:N, last:N or a list like 0,2,4-7.")
+    keep_layers: str = option("every:2", "Layers to keep: every:N, first:N, last:N, a list like 0,2,4-7, or "
+                              "importance:N (the N layers whose removal changes the teacher's output most on --calibration).")
+    calibration: Path | None = option(None, "Records (JSONL: prompt+completion, messages or text) on which importance:N "
+                                      "measures each layer's removal as KL(teacher || teacher without it).")
+    calibration_samples: int = option(16, "Records of --calibration used (the first N).", minimum=1)
+    calibration_max_length: int = option(256, "Tokens per calibration record (longer ones are cut).", minimum=8)
+    importance_rounds: int = option(1, "importance:N drops its layers in this many rounds, rescoring the remaining "
+                                    "layers after each (1 = one pass, as Minitron; more costs more forwards).", minimum=1)
     trust_remote_code: bool = option(False, "Allow the teacher's model directory to run its own code.")
+
+    def check(self, name) -> None:
+        if self.keep_layers.strip().startswith("importance:") and self.calibration is None:
+            raise DistillError(f"{name('keep_layers')} importance:N needs {name('calibration')} FILE "
+                               "(records on which each layer's removal is measured)")
+
+
+def importance_count(spec: str, num_layers: int) -> int | None:
+    """N of `importance:N` (checked against the teacher's depth), or None for the other forms."""
+    s = spec.strip().replace(" ", "")
+    if not s.startswith("importance:"):
+        return None
+    try:
+        n = int(s.split(":", 1)[1])
+    except ValueError:
+        raise DistillError(f"cannot parse --keep-layers {spec!r}; importance:N needs a whole number N") from None
+    if n < 1 or n > num_layers:
+        raise DistillError(f"--keep-layers {spec}: the teacher has {num_layers} layers; importance:N needs 1 <= N <= {num_layers}")
+    return n
 
 
 def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
-    """Indices of the layers to keep, sorted. SPEC: `every:N`, `first:N`, `last:N`, or `0,2,4-7`."""
+    """Indices of the layers to keep, sorted. SPEC: `every:N`, `first:N`, `last:N`, or `0,2,4-7`
+    (`importance:N` needs the model and is resolved by `importance_keep`)."""
     s = spec.strip().replace(" ", "")
     if not s:
-        raise DistillError("--keep-layers is empty; use e.g. every:2, first:6, last:6 or 0,2,4-7")
+        raise DistillError("--keep-layers is empty; use e.g. every:2, first:6, last:6, importance:6 or 0,2,4-7")
+    if s.startswith("importance:"):
+        raise DistillError(f"--keep-layers {spec} is chosen from the model on calibration data, not parsed alone")
     try:
         if s.startswith("every:"):
             n = int(s.split(":", 1)[1])
@@ -123,8 +152,15 @@ def init_student(teacher: str | Path, out: str | Path, *, overwrite: bool = Fals
         raise DistillError(f"teacher {teacher} is quantized; layer pruning needs a full-precision model directory")
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     num_layers = text_config.num_hidden_layers
-    keep = parse_keep_layers(keep_layers, num_layers)
     prefix = _decoder_layers_prefix(model, num_layers)
+    importance = None
+    n_importance = importance_count(keep_layers, num_layers)
+    if n_importance is not None:
+        batches = calibration_batches(tokenizer, cfg.calibration, cfg.calibration_samples, cfg.calibration_max_length)
+        keep, importance = importance_keep(model, model.get_submodule(prefix), batches, n_importance,
+                                           rounds=cfg.importance_rounds)
+    else:
+        keep = parse_keep_layers(keep_layers, num_layers)
 
     new_config = pruned_config(model.config, keep)
     if text_config is not model.config:  # multimodal wrapper: prune the text config inside it
@@ -152,6 +188,107 @@ def init_student(teacher: str | Path, out: str | Path, *, overwrite: bool = Fals
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     params = sum(p.numel() for p in student.parameters())
-    return {"teacher": teacher, "out": str(out), "kept_layers": keep, "teacher_layers": num_layers,
-            "student_layers": len(keep), "parameters": params}
+    summary = {"teacher": teacher, "out": str(out), "kept_layers": keep, "teacher_layers": num_layers,
+               "student_layers": len(keep), "parameters": params}
+    if importance is not None:
+        summary["importance"] = {**importance, "calibration": str(cfg.calibration)}
+    return summary
+
+
+# ---- importance:N ----------------------------------------------------------------------------------
+
+def calibration_batches(tokenizer, path, samples: int, max_length: int, batch_size: int = 8) -> list[tuple]:
+    """(input_ids, attention_mask, scored) batches of the first `samples` calibration records; `scored`
+    marks the positions whose next-token distribution is compared: the trained (completion) tokens of
+    the record, as the cache builder and the trainer tokenize it, so that importance is measured where
+    the student will be trained."""
+    import torch
+
+    from distill.data.records import load_records, tokenize_record
+
+    if not Path(path).is_file():
+        raise DistillError(f"--calibration {path} is not a file")
+    records = load_records(path, limit=samples)
+    enc = []
+    for r in records:
+        ids, mask = tokenize_record(tokenizer, r, max_length=max_length)
+        if sum(mask[1:]):
+            enc.append((ids, mask))
+    if not enc:
+        raise DistillError(f"--calibration {path}: no record has a trained token within {max_length} tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for a in range(0, len(enc), batch_size):
+        part = enc[a:a + batch_size]
+        T = max(len(i) for i, _ in part)
+        ids = torch.full((len(part), T), int(pad), dtype=torch.long)
+        att = torch.zeros((len(part), T), dtype=torch.long)
+        scored = torch.zeros((len(part), T), dtype=torch.bool)
+        for b, (i, m) in enumerate(part):
+            ids[b, :len(i)] = torch.tensor(i)
+            att[b, :len(i)] = 1
+            scored[b, :len(i) - 1] = torch.tensor(m[1:], dtype=torch.bool)  # position t predicts token t+1
+        out.append((ids, att, scored))
+    return out
+
+
+def _skip(layer):
+    """Make `layer` the identity (its output is its input hidden states) until the handle is removed.
+    A forward hook rather than a rebuilt model: scoring 30 candidate removals then costs 30 forwards
+    and no copies; the residual stream simply passes the layer by."""
+
+    def hook(module, args, kwargs, output):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return layer.register_forward_hook(hook, with_kwargs=True)
+
+
+def removal_kl(model, layers, batches, reference, drop) -> float:
+    """Mean KL(reference || model with the layers in `drop` skipped) over the scored positions, nats."""
+    import torch
+
+    handles = [_skip(layers[i]) for i in drop]
+    try:
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for (ids, att, scored), lp in zip(batches, reference):
+                lq = torch.log_softmax(model(input_ids=ids, attention_mask=att, use_cache=False).logits[scored].double(), -1)
+                total += float((lp.exp() * (lp - lq)).sum())
+                n += int(scored.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return total / max(n, 1)
+
+
+def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1) -> tuple[list[int], dict]:
+    """The `n_keep` layers to keep: drop those whose removal changes the model's output least.
+
+    Each remaining layer is scored by KL(full model || model without that layer, given the layers
+    already dropped) on the calibration positions; the lowest-scoring layers are dropped, in `rounds`
+    rounds of about equal size (rounds=1 scores every layer once on the full model, the Minitron
+    depth-pruning criterion with KL as the metric). Returns (kept indices, {"scores": per-round
+    {layer: KL}, "dropped": [...], "rounds": rounds})."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        reference = [torch.log_softmax(model(input_ids=i, attention_mask=a, use_cache=False).logits[s].double(), -1)
+                     for i, a, s in batches]
+    L = len(layers)
+    to_drop = L - n_keep
+    rounds = max(1, min(rounds, to_drop)) if to_drop else 1
+    dropped: list[int] = []
+    history = []
+    for r in range(rounds if to_drop else 0):
+        count = to_drop * (r + 1) // rounds - to_drop * r // rounds
+        remaining = [i for i in range(L) if i not in dropped]
+        scores = {i: removal_kl(model, layers, batches, reference, dropped + [i]) for i in remaining}
+        history.append({str(i): round(v, 6) for i, v in scores.items()})
+        dropped += sorted(remaining, key=lambda i: (scores[i], i))[:count]
+    model.train(was_training)
+    keep = sorted(i for i in range(L) if i not in dropped)
+    return keep, {"scores": history, "dropped": sorted(dropped), "rounds": rounds}
 

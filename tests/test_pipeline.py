@@ -20,7 +20,7 @@ STAGE_NAMES = ["teacher", "generate", "filter", "cache", "heldout", "student", "
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(tmp_path: Path, teacher: Path) -> Path:
+def tiny_config(tmp_path: Path, teacher: Path, keep_layers: str = "first:1") -> Path:
     text = f"""
 [run]
 dir = "run"
@@ -40,7 +40,8 @@ keep = "all"
 top_k = 8
 max_length = 352
 [student]
-keep_layers = "first:1"
+keep_layers = "{keep_layers}"
+calibration_max_length = 512
 [train]
 quant = "none"
 lora_r = 4
@@ -90,7 +91,8 @@ def test_run_every_stage_then_skip_all(tmp_path, tiny_model_dir):
 
 
 def test_killed_run_finishes_on_rerun(tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir)
+    # importance:1 here: with no [student] calibration the layers are measured on the run's kept traces
+    config = tiny_config(tmp_path, tiny_model_dir, keep_layers="importance:1")
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "run", str(config)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -105,6 +107,8 @@ def test_killed_run_finishes_on_rerun(tmp_path, tiny_model_dir):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "generate: complete, skipped" in rerun.stdout
     assert (run / "stages" / "bench.json").is_file()
+    init = json.loads((run / "stages" / "student.json").read_text())["outputs"]["init"]
+    assert init["importance"]["calibration"] == str(run / "kept.jsonl") and len(init["kept_layers"]) == 1
 
 
 def test_bad_config_is_one_line(tmp_path):

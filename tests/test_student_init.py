@@ -102,3 +102,66 @@ def test_cli_init_and_errors(tiny_model_dir, tmp_path, capsys):
         init_student(tiny_model_dir, tmp_path / "s", keep_layers="first:1")
     with pytest.raises(DistillError, match="does not exist"):
         init_student(tmp_path / "missing", tmp_path / "u", keep_layers="first:1")
+
+
+def _kl(teacher_dir, student_dir, batches) -> float:
+    """KL(teacher || student) on the scored calibration positions, each model loaded from its directory."""
+    t = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    s = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, att, scored in batches:
+            lp = torch.log_softmax(t(input_ids=ids, attention_mask=att).logits[scored].double(), -1)
+            lq = torch.log_softmax(s(input_ids=ids, attention_mask=att).logits[scored].double(), -1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            n += int(scored.sum())
+    return total / n
+
+
+def test_importance_keeps_the_layers_whose_removal_costs_most(tmp_path):
+    """importance:N drops the layers whose single removal gives the smallest KL, checked by building every
+    one-layer-removed student and measuring it; rounds=2 matches the greedy search done by brute force."""
+    from helpers import save_tiny_model
+    from students.init_student import calibration_batches
+
+    teacher = save_tiny_model(tmp_path / "teacher", seed=3, num_layers=4, hidden_size=64)
+    calib = tmp_path / "calib.jsonl"
+    lines = ["Tom has 3 apples and buys 4 more.", "The train leaves at 9 and arrives at 11.",
+             "Sara reads 12 pages a day for a week.", "A box holds 6 eggs; how many in 5 boxes?"]
+    calib.write_text("".join(json.dumps({"prompt": "Q: " + t, "completion": " A: " + t[::-1]}) + "\n" for t in lines))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    batches = calibration_batches(tok, calib, 16, 256)  # the defaults of init_student
+    single = {i: _kl(teacher, init_student(teacher, tmp_path / f"drop{i}", keep_layers=",".join(
+        str(j) for j in range(4) if j != i))["out"], batches) for i in range(4)}
+    assert len({round(v, 6) for v in single.values()}) == 4  # distinct, so the choice is determined
+
+    summary = init_student(teacher, tmp_path / "imp", keep_layers="importance:2", calibration=calib)
+    expected = sorted(sorted(single, key=single.get)[2:])
+    assert summary["kept_layers"] == expected and summary["importance"]["dropped"] == sorted(sorted(single, key=single.get)[:2])
+    for i, v in single.items():  # the hook-skipped model scores what the rebuilt student measures
+        assert summary["importance"]["scores"][0][str(i)] == pytest.approx(v, rel=1e-4, abs=1e-9)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "imp")
+    assert student.config.num_hidden_layers == 2
+    init_student(teacher, tmp_path / "listed", keep_layers=",".join(map(str, expected)))
+    assert _kl(tmp_path / "listed", tmp_path / "imp", batches) == pytest.approx(0.0, abs=1e-9)
+
+    # rounds=2: drop the best single layer, then the best second one given the first (brute force on pairs).
+    first = min(single, key=single.get)
+    pair = {j: _kl(teacher, init_student(teacher, tmp_path / f"drop{first}{j}", keep_layers=",".join(
+        str(k) for k in range(4) if k not in (first, j)))["out"], batches) for j in range(4) if j != first}
+    greedy = init_student(teacher, tmp_path / "greedy", keep_layers="importance:2", calibration=calib, importance_rounds=2)
+    assert greedy["importance"]["dropped"] == sorted([first, min(pair, key=pair.get)])
+
+
+def test_importance_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(DistillError, match="needs --calibration"):
+        init_student(tiny_model_dir, tmp_path / "a", keep_layers="importance:1")
+    with pytest.raises(DistillError, match="not a file"):
+        init_student(tiny_model_dir, tmp_path / "b", keep_layers="importance:1", calibration=tmp_path / "nope.jsonl")
+    calib = tmp_path / "c.jsonl"
+    calib.write_text(json.dumps({"text": "Tom has 3 apples"}) + "\n")
+    with pytest.raises(DistillError, match="1 <= N <= 2"):
+        init_student(tiny_model_dir, tmp_path / "c", keep_layers="importance:3", calibration=calib)
+    with pytest.raises(DistillError, match="importance:x"):
+        init_student(tiny_model_dir, tmp_path / "d", keep_layers="importance:x", calibration=calib)
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -16,7 +16,8 @@ DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
 
 def demo_config(out: str | Path, *, gsm8k: str | Path | None = None, quick: bool = False) -> RunConfig:
-    """The embedded default: SmolLM2-135M-Instruct teaches a half-depth NF4 + LoRA copy of itself.
+    """The embedded default: SmolLM2-135M-Instruct teaches a half-depth NF4 + LoRA copy of itself (the 15 layers
+    that matter most to its output, `importance:15`).
 
     `quick` shrinks every stage (for CI and smoke tests); the stages and code paths stay the same.
     """
@@ -28,6 +29,7 @@ def demo_config(out: str | Path, *, gsm8k: str | Path | None = None, quick: bool
         config.data.limit, config.data.eval_limit = 4, 4
         config.generate.samples, config.generate.max_new_tokens = 2, 48
         config.cache.max_length = 256
+        config.student.calibration_samples, config.student.calibration_max_length = 2, 192
         config.train.steps, config.train.eval_every, config.train.warmup_steps = 4, 2, 1
         config.train.batch_size = 4
         config.bench.limit, config.bench.samples, config.bench.max_new_tokens = 3, 2, 32

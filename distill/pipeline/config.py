@@ -76,6 +76,9 @@ class DataSection:
 class StudentSection(StudentInitConfig):
     model: str = option("", "A student model dir or hub id; empty = made from the teacher by keeping layers.")
 
+    def check(self, name) -> None:
+        """In a run, importance:N without `calibration` measures the layers on the kept traces."""
+
 
 @dataclass
 class BenchSection(BenchConfig):

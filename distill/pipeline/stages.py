@@ -32,7 +32,8 @@ from distill.pipeline.runner import RunContext, Stage
 UPSTREAM_TEACHER = ("teacher",)
 UPSTREAM_TRACES = UPSTREAM_TEACHER + ("run", "data", "generate")
 UPSTREAM_CACHE = UPSTREAM_TRACES + ("filter", "cache")
-UPSTREAM_STUDENT = UPSTREAM_TEACHER + ("student",)
+# the student depends on the kept traces too: importance:N measures its layers on them
+UPSTREAM_STUDENT = UPSTREAM_TRACES + ("filter", "student")
 UPSTREAM_TRAIN = UPSTREAM_CACHE + ("student", "train")
 UPSTREAM_STUDENT_FINAL = UPSTREAM_TRAIN + ("onpolicy",)  # "onpolicy" counts only when its rounds are on
 
@@ -156,7 +157,12 @@ def stage_student(ctx: RunContext) -> dict:
         return {"student": cfg.model}
     from students.init_student import init_student
 
+    calibration = cfg.calibration
+    if calibration is None and cfg.keep_layers.strip().startswith("importance:"):
+        calibration = ctx.path("kept.jsonl")  # the records the student will be trained on
     summary = init_student(teacher_dir(ctx), ctx.path("student-init"), keep_layers=cfg.keep_layers,
+                           calibration=calibration, calibration_samples=cfg.calibration_samples,
+                           calibration_max_length=cfg.calibration_max_length, importance_rounds=cfg.importance_rounds,
                            trust_remote_code=ctx.config.teacher.trust_remote_code, overwrite=True)
     return {"student": str(ctx.path("student-init")), "init": summary}
 
