@@ -14,6 +14,7 @@ construction; the kept layers' weights are then copied in under their new indice
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +263,13 @@ def removal_kl(model, layers, batches, reference, drop) -> float:
     return total / max(n, 1)
 
 
+def _progress(items, desc: str):
+    """A progress bar on stderr: scoring every layer of a 30-layer teacher takes minutes on a CPU."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1) -> tuple[list[int], dict]:
     """The `n_keep` layers to keep: drop those whose removal changes the model's output least.
 
@@ -285,7 +293,9 @@ def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1) -> 
     for r in range(rounds if to_drop else 0):
         count = to_drop * (r + 1) // rounds - to_drop * r // rounds
         remaining = [i for i in range(L) if i not in dropped]
-        scores = {i: removal_kl(model, layers, batches, reference, dropped + [i]) for i in remaining}
+        scores = {}
+        for i in _progress(remaining, f"layer importance, round {r + 1}/{rounds}"):
+            scores[i] = removal_kl(model, layers, batches, reference, dropped + [i])
         history.append({str(i): round(v, 6) for i, v in scores.items()})
         dropped += sorted(remaining, key=lambda i: (scores[i], i))[:count]
     model.train(was_training)

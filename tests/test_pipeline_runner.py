@@ -99,5 +99,5 @@ def test_expected_stage_times_scale_with_the_work():
     full = expected_seconds(demo_config("x"))
     assert full == pytest.approx(REFERENCE_SECONDS)
     quick = expected_seconds(demo_config("x", quick=True))
-    assert quick["generate"] < full["generate"] / 10 and quick["bench"] < full["bench"] / 10
+    assert quick["generate"] < full["generate"] / 10 and quick["bench"] < full["bench"] / 5
     assert quick["teacher"] == full["teacher"]  # the GGUF import does not shrink

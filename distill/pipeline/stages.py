@@ -231,11 +231,12 @@ def stage_bench(ctx: RunContext) -> dict:
 
 
 # Seconds each stage of the embedded demo (distill/pipeline/demo.toml) is expected to take on a quiet
-# 2-core AVX2 x86 CPU: `expected_seconds` scales them by a config's work. Estimates, not yet re-measured
-# with this demo config on a quiet machine (update them with the README's stage-time table); the runner
-# rescales them by how fast the stages that already ran were on the machine at hand.
-REFERENCE_SECONDS = {"teacher": 8.0, "generate": 38.0, "filter": 0.1, "cache": 25.0, "heldout": 5.0,
-                     "student": 1.5, "train": 90.0, "export": 1.0, "gguf": 3.0, "bench": 35.0}
+# 2-core AVX2 x86 CPU (AMD EPYC), for `expected_seconds` to scale by a config's work. Measured there on
+# 2026-11-30 with the previous demo config (student calibration 8 x 256 tokens, 40 training steps,
+# bench 8 problems; 13 min in all); student, train and bench are those figures scaled to this config's
+# 3 x 192 tokens, 24 steps and 6 problems. The runner rescales them by the pace of the stages that ran.
+REFERENCE_SECONDS = {"teacher": 22.4, "generate": 84.2, "filter": 0.1, "cache": 53.5, "heldout": 10.2,
+                     "student": 71.0, "train": 149.0, "export": 2.0, "gguf": 4.7, "bench": 75.0}
 
 
 def _work(config: RunConfig) -> dict[str, float]:
