@@ -142,13 +142,14 @@ def _steps(model, tok, *, context: int, sequences: int, top_k: int, loss_chunk: 
 def plan_for(student: str, *, context: int, sequences: int, lora_r: int = 16, quant: str = "nf4", checkpointing: bool = False,
              top_k: int = 32, loss_chunk: int = 512, lora_dropout: float = 0.05) -> dict:
     from distill.plan import load_shape, plan_training
-    from students.model import DEFAULT_CHECKPOINT_LAYERS, checkpoint_every
+    from students.model import DEFAULT_CHECKPOINT_LAYERS, checkpoint_policy
 
-    # checkpointing on = the student's default layers (every:3), as measure_step runs it
+    # checkpointing on = the student's default policy, as measure_step runs it
+    every, lean = checkpoint_policy(DEFAULT_CHECKPOINT_LAYERS)
     plan = plan_training(load_shape(student), quant=quant, lora_r=lora_r, context=context, batch_tokens=context * sequences,
                          optimizer="adamw", gradient_checkpointing=checkpointing, compute="fp32", loss_chunk=loss_chunk,
                          top_k=top_k, lora_dropout=lora_dropout, padded=True,
-                         checkpoint_every=checkpoint_every(DEFAULT_CHECKPOINT_LAYERS))
+                         checkpoint_every=every, lean=lean)
     return plan.to_dict()
 
 

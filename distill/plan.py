@@ -182,7 +182,7 @@ def quantized_linear_bytes(n_params: int, out_features: int, quant: str, compute
 def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, context: int = 4096,
                   batch_tokens: int | None = None, optimizer: str = "paged-adamw-8bit", gradient_checkpointing: bool = True,
                   compute: str = "bf16", loss_chunk: int | None = None, top_k: int = 32, lora_dropout: float = 0.05,
-                  padded: bool = True, checkpoint_every: int = 1) -> TrainingPlan:
+                  padded: bool = True, checkpoint_every: int = 1, lean: bool = False) -> TrainingPlan:
     """Bytes of each part of one training micro-step at peak (the backward pass of the loss's last chunk).
 
     `batch_tokens` defaults to one sequence of `context` tokens; sequences are `context` long (the
@@ -190,7 +190,10 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
     `padded`: the batch carries an attention mask (real batches do: samples differ in length), which
     makes SDPA keep a [B, T, T] float mask per layer and repeat K/V over the query heads.
     `checkpoint_every`: with checkpointing, every N-th decoder layer recomputes (`--checkpoint-layers
-    every:N`); the others keep their full activations.
+    every:N`; 0: none); the others keep their full activations, or with `lean` (`--checkpoint-layers
+    lean+every:N`) all but their cheap elementwise ones (students/recompute.py): act(gate), the
+    product act(gate) * up and the norms' outputs, and on the CPU the LoRA dropout keeps a bool mask
+    instead of its float noise and output.
     """
     if quant not in QUANTS:
         raise DistillError(f"--quant {quant!r} is unknown; use one of {', '.join(QUANTS)}")
@@ -215,7 +218,7 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
     plan = TrainingPlan(s, dict(quant=quant, lora_r=r, context=T, batch_tokens=N, sequences=B, optimizer=optimizer,
                                 gradient_checkpointing=gradient_checkpointing, compute=compute, loss_chunk=loss_chunk,
                                 top_k=top_k, lora_dropout=lora_dropout, padded=padded,
-                                checkpoint_every=checkpoint_every))
+                                checkpoint_every=checkpoint_every, lean=lean))
     add = lambda name, nbytes, note="": plan.parts.append(Part(name, int(nbytes), note))  # noqa: E731
 
     base = L * sum(quantized_linear_bytes(a * o, o, quant, b) for _, a, o in s.linears())
@@ -258,13 +261,23 @@ def plan_training(shape: ModelShape, *, quant: str = "nf4", lora_r: int = 16, co
                        + 3 * I * b  # gate, up, act(gate)
                        + (2 * h * R if s.sandwich_norms else 0) + (2 * s.head_dim * b if s.qk_norm else 0)
                        + (T * mask_bytes if padded else 0))  # the float attention mask SDPA keeps
+    if gpu:  # bf16 autocast gives each LoRA A its own copy of its input: only act(gate) goes
+        lean_saving = I * b
+    elif p > 0:  # the noise and dropped inputs become one-byte masks; o_proj's input is SDPA's output
+        lean_saving = lin_saved - (lora_inputs + q * b) + I * b
+    else:  # the two norms' outputs (q/k/v and gate/up inputs), the product (down input), act(gate)
+        lean_saving = (2 * h + I) * b + I * b
+    per_layer_lean = per_layer_token - lean_saving
     one_layer = N * per_layer_token
+    lean_layer = N * per_layer_lean if lean and gradient_checkpointing else one_layer
     grads_in_flight = N * (2 * h * R + 2 * I * b)  # gradients of the residual stream and the MLP
     if gradient_checkpointing:
-        kept = -(-L // max(1, checkpoint_every))  # layers 0, N, 2N, ... recompute; the others keep everything
-        act = N * kept * h * R + (L - kept + 1) * one_layer + grads_in_flight
-        note = (f"checkpointed: {kept} layer inputs + {L - kept} full layers + 1 recomputed layer "
-                f"({per_layer_token / 1024:.1f} KiB/token)")
+        # layers 0, N, 2N, ... recompute; the others keep everything (or, lean, all but the cheap parts)
+        kept = -(-L // checkpoint_every) if checkpoint_every > 0 else 0
+        act = N * kept * h * R + (L - kept) * lean_layer + (one_layer if kept else 0) + grads_in_flight
+        others = f"{L - kept} lean layers ({per_layer_lean / 1024:.1f} KiB/token)" if lean else f"{L - kept} full layers"
+        note = (f"checkpointed: {kept} layer inputs + {others}" + (" + 1 recomputed layer" if kept else "")
+                + f" (full layer {per_layer_token / 1024:.1f} KiB/token)")
     else:
         act = L * one_layer + grads_in_flight
         note = f"{per_layer_token / 1024:.1f} KiB per token per layer x {L} layers"

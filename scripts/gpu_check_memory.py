@@ -78,7 +78,7 @@ def measure(student: Path, *, context: int, checkpointing: bool, lora_r: int, to
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    spec = StudentSpec(path=str(student), quant="nf4", gradient_checkpointing=checkpointing,
+    spec = StudentSpec(path=str(student), quant="nf4", gradient_checkpointing=checkpointing, checkpoint_layers="all",
                        lora=LoraSettings(r=lora_r, alpha=2 * lora_r, dropout=0.05))
     model, _ = load_student(spec, device=torch.device(device))
     vocab = int(model.config.vocab_size)

@@ -54,7 +54,7 @@ EOF
 
 TRAIN_ARGS=(train --student "$WORK/student" --cache "$WORK/cache" --quant nf4 --lora-r 16 --lora-alpha 32
             --batch-size 4 --grad-accum 1 --steps "$STEPS" --eval-every 0 --save-every 0 --eval-fraction 0.1
-            --warmup-steps 1 --no-progress)
+            --warmup-steps 1 --no-progress --checkpoint-layers all)
 LAUNCH=($PY -m accelerate.commands.launch --num_machines 1 --dynamo_backend no)
 
 run() {  # run NAME CMD...: one training run with a timeout; its log and exit status land in $WORK

@@ -62,18 +62,18 @@ def resolve_auto_batch(cfg, out: Path, lengths, *, top_k: int, device) -> dict:
     context = max(int(n) for n in lengths)
     budget, source = available_memory(device)
     shape = load_shape(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    from students.model import checkpoint_every
+    from students.model import checkpoint_policy
 
-    every = checkpoint_every(cfg.checkpoint_layers)
+    every, lean = checkpoint_policy(cfg.checkpoint_layers)
     best = largest_batch(shape, budget, context=context, max_sequences=max(1, len(lengths)), quant=cfg.quant,
                          lora_r=cfg.lora_r, optimizer=optimizer, gradient_checkpointing=cfg.gradient_checkpointing,
                          compute="bf16" if cuda else "fp32", loss_chunk=cfg.loss_chunk_size, top_k=top_k,
-                         lora_dropout=cfg.lora_dropout, checkpoint_every=every)
+                         lora_dropout=cfg.lora_dropout, checkpoint_every=every, lean=lean)
     if best is None:
         one = largest_batch(shape, 2**62, context=context, max_sequences=1, quant=cfg.quant, lora_r=cfg.lora_r,
                             optimizer=optimizer, gradient_checkpointing=cfg.gradient_checkpointing,
                             compute="bf16" if cuda else "fp32", loss_chunk=cfg.loss_chunk_size, top_k=top_k,
-                            lora_dropout=cfg.lora_dropout, checkpoint_every=every)
+                            lora_dropout=cfg.lora_dropout, checkpoint_every=every, lean=lean)
         raise DistillError(f"--batch-tokens auto: one sequence of {context} tokens needs {format_bytes(one.total)} but only "
                            f"{format_bytes(budget)} is available ({source}); shorten the cache's samples or turn on gradient checkpointing")
     sequences = best.settings["sequences"]

@@ -9,9 +9,10 @@ testable without a GPU.
 The base model and tokenizer load through `distill.models` (one loader for every model); this module
 adds what makes it a trainable student: k-bit preparation, LoRA adapters, saved adapter weights.
 `trust_remote_code` is off unless the caller turns it on: a model directory must not run code.
-Gradient checkpointing recomputes every third decoder layer by default (`DEFAULT_CHECKPOINT_LAYERS`),
-not every layer: measured, that costs about 5% of the step time instead of 25%, for a peak memory
-within 1.2x of checkpointing every layer.
+Gradient checkpointing is selective by default (`DEFAULT_CHECKPOINT_LAYERS` = "lean",
+students/recompute.py): no layer is recomputed whole, each recomputes its cheap elementwise
+activations; measured at 4 x 256 tokens, no measurable time over none, peak memory 1.09x of
+checkpointing every layer (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class StudentSpec:
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
-    checkpoint_layers: str = "every:3"  # which decoder layers recompute when checkpointing: all | every:N
+    checkpoint_layers: str = "lean"  # what recomputes when checkpointing: all | every:N | lean | lean+every:N
 
     def __post_init__(self):
         checkpoint_every(self.checkpoint_layers)  # a bad value fails before any load
@@ -67,26 +68,41 @@ class StudentSpec:
 # student (SmolLM2-135M half depth, NF4 + LoRA r=16, 4 x 160 tokens, CPU, benchmarks/
 # bench_checkpointing.py; step time vs none / peak RSS vs all): none 1.00 / 1.19, every:3 1.05 / 1.16,
 # every:2 1.12 / 1.07, all 1.25 / 1.00.
-DEFAULT_CHECKPOINT_LAYERS = "every:3"
-CHECKPOINT_LAYERS_HELP = "all | every:N (recompute every N-th decoder layer in the backward pass)"
+DEFAULT_CHECKPOINT_LAYERS = "lean"
+CHECKPOINT_LAYERS_HELP = ("all | every:N | lean | lean+every:N (every N-th decoder layer recomputes whole in the backward "
+                          "pass; lean: the others recompute their cheap elementwise activations instead of storing them)")
+
+
+def checkpoint_policy(value: str) -> tuple[int, bool]:
+    """`--checkpoint-layers` as (layer stride, lean): stride 1 = every layer recomputes whole, N = every
+    N-th, 0 = none; lean = the layers not recomputed whole keep only their expensive activations
+    (`students.recompute`). "all" = (1, False), "every:N" = (N, False), "lean" = (0, True),
+    "lean+every:N" = (N, True)."""
+    parts = value.split("+") if isinstance(value, str) else []
+    lean = parts.count("lean") == 1
+    rest = [p for p in parts if p != "lean"]
+    every = 0 if (lean and not rest) else None
+    if len(rest) == 1 and len(parts) == len(rest) + lean:
+        if rest[0] == "all":
+            every = 1
+        elif rest[0].startswith("every:"):
+            try:
+                every = max(0, int(rest[0].split(":", 1)[1])) or None
+            except ValueError:
+                every = None
+    if every is None:
+        raise DistillError(f"--checkpoint-layers {value!r} is not one of: {CHECKPOINT_LAYERS_HELP}")
+    return every, lean
 
 
 def checkpoint_every(value: str) -> int:
-    """`--checkpoint-layers` as a layer stride: 1 = every layer, N = every N-th ("all" or "every:N")."""
-    if value == "all":
-        return 1
-    if isinstance(value, str) and value.startswith("every:"):
-        try:
-            n = int(value.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return n
-    raise DistillError(f"--checkpoint-layers {value!r} is not one of: {CHECKPOINT_LAYERS_HELP}")
+    """`--checkpoint-layers` as a layer stride: 1 = every layer, N = every N-th, 0 = none (lean alone)."""
+    return checkpoint_policy(value)[0]
 
 
-def set_checkpointing(model, every: int) -> int:
+def set_checkpointing(model, every: int, lean: bool = False) -> int:
     """Recompute every `every`-th decoder layer (0: none) in the backward pass; returns how many do.
+    `lean`: the other layers recompute their cheap activations (`students.recompute.make_lean`).
 
     The model's gradient checkpointing must have been enabled (it installs the recompute function on
     every layer); this sets, layer by layer, which ones use it. Checkpointing a layer saves its
@@ -104,6 +120,10 @@ def set_checkpointing(model, every: int) -> int:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = every > 0 and i % every == 0
         chosen += layer.gradient_checkpointing
+    if lean or any(hasattr(layer, "_distill_lean") for layer in layers):
+        from students.recompute import make_lean
+
+        make_lean(model, on=lean)
     return chosen
 
 
@@ -162,7 +182,7 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
     model.config.use_cache = False
     _disable_cpu_inference_packing(model)
     gc_kwargs = {"use_reentrant": False}
-    every = checkpoint_every(spec.checkpoint_layers) if spec.gradient_checkpointing and trainable else 0
+    every, lean = checkpoint_policy(spec.checkpoint_layers) if spec.gradient_checkpointing and trainable else (0, False)
     if spec.quant != "none" and quant_storage is None:
         model = prepare_model_for_kbit_training(
             model,
@@ -181,6 +201,10 @@ def load_student(spec: StudentSpec, *, device=None, adapter_dir: str | Path | No
         model = get_peft_model(model, lora_config(spec.lora))
     except ValueError as err:
         raise DistillError(f"cannot attach LoRA to {spec.path}: {one_line(err)}") from None
+    if lean:  # after the adapters exist: their dropout turns lean too
+        from students.recompute import make_lean
+
+        make_lean(model)
     # Adapters train in fp32 whatever the base dtype (peft's autocast_adapter_dtype does this for
     # bf16/fp16 bases; make it explicit so the optimizer state is fp32 too).
     for n, p in model.named_parameters():

@@ -33,7 +33,7 @@ def _plan(
     gradient_checkpointing: bool = typer.Option(_T["gradient_checkpointing"], "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="Plan with activation checkpointing (as `distill train` does by default)."),
     checkpoint_layers: str = typer.Option(_T["checkpoint_layers"], "--checkpoint-layers",
-                                          help="With checkpointing: all | every:N decoder layers recompute (as in training)."),
+                                          help="With checkpointing: all | every:N | lean | lean+every:N (as in training)."),
     loss_chunk_size: Optional[int] = typer.Option(_T["loss_chunk_size"], "--loss-chunk-size",
                                                   help="Rows of logits per loss chunk (default: automatic, as in training)."),
     top_k: int = typer.Option(32, "--top-k", help="Teacher tokens per position in the cache."),
@@ -45,15 +45,15 @@ def _plan(
     """Print the memory of each part of a training step and of inference, and what fits a GPU."""
     from distill.plan import gpu_budget, largest_batch, load_shape, parse_size, plan_inference, plan_training, render
 
-    from students.model import checkpoint_every
+    from students.model import checkpoint_policy
 
-    every = checkpoint_every(checkpoint_layers)
+    every, lean = checkpoint_policy(checkpoint_layers)
     shape = load_shape(student, trust_remote_code=trust_remote_code)
     compute = "fp32" if cpu else "bf16"
     opt = optimizer if optimizer != "auto" else ("adamw" if cpu else "paged-adamw-8bit")
     kwargs = dict(quant=quant, lora_r=lora_r, optimizer=opt, gradient_checkpointing=gradient_checkpointing,
                   compute=compute, loss_chunk=loss_chunk_size, top_k=top_k, lora_dropout=lora_dropout,
-                  checkpoint_every=every)
+                  checkpoint_every=every, lean=lean)
     plan = plan_training(shape, context=context, batch_tokens=batch_tokens, **kwargs)
     inference = plan_inference(shape, quant=quant, context=context, compute=compute)
     gpu_bytes = parse_size(gpu) if gpu else None

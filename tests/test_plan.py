@@ -46,6 +46,12 @@ def test_parts_scale_as_documented():
     assert two.part("activations") > 1.9 * one.part("activations") - 1  # linear in the batch
     ckpt_off = plan_training(s, context=4096, gradient_checkpointing=False)
     assert ckpt_off.part("activations") > 5 * one.part("activations")
+    for compute, dropout in (("bf16", 0.05), ("fp32", 0.05), ("fp32", 0.0)):  # lean layers keep less, never more
+        kw = dict(context=4096, compute=compute, lora_dropout=dropout)
+        lean, every3 = plan_training(s, checkpoint_every=0, lean=True, **kw), plan_training(s, checkpoint_every=3, **kw)
+        assert plan_training(s, **kw).part("activations") < lean.part("activations") < \
+            plan_training(s, gradient_checkpointing=False, **kw).part("activations")
+        assert plan_training(s, checkpoint_every=3, lean=True, **kw).part("activations") < every3.part("activations")
     assert plan_training(s, optimizer="adamw").part("optimizer states") == 8 * one.part("LoRA adapters") // 4
     inf = {p.name: p.bytes for p in plan_inference(s, context=4096)}
     assert inf["KV cache"] == 2 * 28 * 2 * 128 * 4096 * 2  # 2 x layers x kv heads x head_dim x tokens x bf16

@@ -30,7 +30,7 @@ def test_load_student_quantized_with_lora(kd_pair, quant):
     lora_modules = {n.split(".lora_")[0] for n in trainable}
     assert len(lora_modules) == 7 * 2 and not any("lm_head" in n for n in lora_modules)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
-    assert model.base_model.model.is_gradient_checkpointing
+    assert any(getattr(m, "_distill_lean", False) for m in model.modules())  # the default policy: lean layers
     ids = torch.tensor([tok.encode("Tom has 3 apples")])
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
@@ -62,9 +62,13 @@ def test_checkpoint_layers_parse_and_bad_ones_are_one_line(tmp_path):
     from students.train import TrainConfig
     from distill.options import validate
 
-    assert checkpoint_every(DEFAULT_CHECKPOINT_LAYERS) == 3
+    from students.model import checkpoint_policy
+
+    assert checkpoint_policy(DEFAULT_CHECKPOINT_LAYERS) == (0, True)
     assert [checkpoint_every(v) for v in ("all", "every:1", "every:3")] == [1, 1, 3]
-    for bad in ("every:0", "every:x", "some", "none"):
+    assert [checkpoint_policy(v) for v in ("lean", "lean+every:3", "every:2+lean", "lean+all")] == [
+        (0, True), (3, True), (2, True), (1, True)]
+    for bad in ("every:0", "every:x", "some", "none", "lean+lean", "every:2+every:3", "lean+", "lean+every:-1"):
         with pytest.raises(DistillError, match="--checkpoint-layers"):
             checkpoint_every(bad)
     with pytest.raises(DistillError, match="--checkpoint-layers"):
@@ -73,37 +77,66 @@ def test_checkpoint_layers_parse_and_bad_ones_are_one_line(tmp_path):
         validate(TrainConfig(student="s", cache="c", out=tmp_path, checkpoint_layers="half"))
 
 
+def _step_under_policy(student, policy: str, dropout: float, count_saved):
+    """One NF4 student forward + backward under checkpointing `policy` (seeded): the model, its loss, the
+    bytes `count_saved(tensor, kept)` tallies in `kept` for the backward, and the LoRA gradients."""
+    torch.manual_seed(0)
+    spec = StudentSpec(path=str(student), quant="nf4", gradient_checkpointing=policy != "none",
+                       checkpoint_layers="all" if policy == "none" else policy,
+                       lora=LoraSettings(r=4, alpha=8, dropout=dropout))
+    model, tok = load_student(spec, device="cpu")
+    model.train()
+    kept = {}
+
+    def pack(t):
+        count_saved(t, kept)
+        return t
+
+    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more") * 4])
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model, loss.item(), sum(kept.values()), grads
+
+
 def test_checkpointing_every_other_layer_saves_part_of_the_activations_and_keeps_the_gradients(kd_pair):
     """Which layers recompute changes time and memory, never the math: the LoRA gradients of
     none / every:2 / all agree, and the activations kept for the backward shrink in that order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    def every_tensor(t, kept):  # tensors the forward keeps for the backward (a checkpointed layer keeps its input)
+        kept[len(kept)] = t.numel() * t.element_size()
+
     _, student, _ = kd_pair
     grads, saved, losses = {}, {}, {}
     for policy in ("none", "every:2", "all"):
-        torch.manual_seed(0)
-        spec = StudentSpec(path=str(student), quant="nf4", gradient_checkpointing=policy != "none",
-                           checkpoint_layers="all" if policy == "none" else policy,
-                           lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-        model, tok = load_student(spec, device="cpu")
-        model.train()
+        model, losses[policy], saved[policy], grads[policy] = _step_under_policy(student, policy, 0.0, every_tensor)
         flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert flags == {"none": [False, False], "every:2": [True, False], "all": [True, True]}[policy]
-        kept = [0]
-
-        def pack(t, kept=kept):  # tensors the forward keeps for the backward (a checkpointed layer keeps its input)
-            kept[0] += t.numel() * t.element_size()
-            return t
-
-        ids = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more") * 4])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses[policy] = loss.item()
-        saved[policy] = kept[0]
-        grads[policy] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert saved["none"] > saved["every:2"] > saved["all"]
     for policy in ("every:2", "all"):
         assert losses[policy] == pytest.approx(losses["none"], rel=1e-6)
         for name, g in grads["none"].items():
             torch.testing.assert_close(grads[policy][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_lean_layers_keep_less_and_give_the_same_gradients(kd_pair):
+    """`lean` recomputes act(gate), act(gate) * up, the norms' outputs and the LoRA dropout's noise and
+    output in the backward pass instead of storing them: less kept, same loss and gradients as no
+    checkpointing, alone and with every other layer checkpointed whole, dropout on (same masks)."""
+
+    def unique_storages(t, kept):  # unique storages kept for the backward (a recipe is not a tensor)
+        if isinstance(t, torch.Tensor):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    _, student, _ = kd_pair
+    grads, saved, losses = {}, {}, {}
+    for policy in ("none", "lean", "lean+every:2"):
+        _, losses[policy], saved[policy], grads[policy] = _step_under_policy(student, policy, 0.1, unique_storages)
+    assert saved["none"] > 1.3 * saved["lean"] and saved["lean"] > saved["lean+every:2"]
+    for policy in ("lean", "lean+every:2"):
+        assert losses[policy] == pytest.approx(losses["none"], rel=1e-6)
+        for name, g in grads["none"].items():
+            torch.testing.assert_close(grads[policy][name], g, rtol=1e-5, atol=1e-7)

@@ -295,21 +295,24 @@ def test_two_processes_train_nf4_smollm2_as_one(smollm2_dir, tmp_path):
 
 # ---- the student FSDP / DeepSpeed would shard (loads and trains on the CPU; the engines need a GPU) ----
 
-def test_nf4_student_stored_in_a_float_dtype_computes_the_same(kd_pair):
+@pytest.mark.parametrize("checkpoint_layers", ["all", "lean"])
+def test_nf4_student_stored_in_a_float_dtype_computes_the_same(kd_pair, checkpoint_layers):
     """FSDP shards only float tensors: NF4 codes packed into bf16 (`bnb_4bit_quant_storage`) must give the
-    loss and gradients of the usual uint8 packing."""
+    loss and gradients of the usual uint8 packing, with whole-layer checkpointing (what FSDP-QLoRA runs)
+    and with the lean default."""
     import bitsandbytes as bnb
 
     from students.model import LoraSettings, StudentSpec, load_student
 
-    spec = StudentSpec(path=str(kd_pair[1]), quant="nf4", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    spec = StudentSpec(path=str(kd_pair[1]), quant="nf4", lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                       checkpoint_layers=checkpoint_layers)
     results = {}
     for storage in (None, torch.bfloat16):
         torch.manual_seed(0)
         model, tok = load_student(spec, device="cpu", quant_storage=storage)
         packed = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
         assert packed.dtype == (storage or torch.uint8)
-        assert model.base_model.model.is_gradient_checkpointing
+        assert model.base_model.model.is_gradient_checkpointing == (checkpoint_layers == "all")
         ids = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more")])
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
