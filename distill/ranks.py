@@ -13,6 +13,7 @@ is then one process and every collective is a no-op, so single-process behaviour
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -133,9 +134,36 @@ def current_ranks(device: Any = None) -> Ranks:
         state = PartialState(cpu=cpu, timeout=timedelta(hours=_GROUP_TIMEOUT_HOURS))
     except (RuntimeError, ValueError) as err:
         raise DistillError(f"the processes started by the launcher cannot form a group: {err}") from None
+    destroy_group_at_exit()
     return Ranks(rank=state.process_index, world=state.num_processes,
                  local_rank=state.local_process_index,
                  local_world=int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
+
+
+_destroy_registered = False
+
+
+def destroy_group_at_exit() -> None:
+    """Destroy torch.distributed's process group when this process exits normally (registered once).
+
+    A process that leaves with its gloo group alive can abort at interpreter shutdown ("terminate called
+    without an active exception", SIGABRT): gloo's worker threads still hold work objects whose tensors
+    are freed while Python is being torn down. Seen in CI on a 2-process pipeline whose stages were all
+    skipped, where the processes exit right after their last broadcast. Destroying the group
+    while the interpreter is still whole avoids it. No barrier here: a process that exits on an error
+    must not wait for peers that are inside another collective (the launcher stops them).
+    """
+    global _destroy_registered
+    if not _destroy_registered:
+        _destroy_registered = True
+        atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def gpus_for_local_rank(local_rank: int, local_world: int, num_gpus: int) -> list[int]:

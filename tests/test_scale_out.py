@@ -226,7 +226,18 @@ def test_two_processes_write_the_one_process_traces_file(tmp_path, tiny_model_di
 
 
 DRIVER = """
+import atexit
+import os
 import sys
+
+import torch.distributed
+
+# Registered before the stages form the group, so it runs after distill's own exit handler (LIFO).
+# One os.write per line: both ranks share the pipe, and a write this short is atomic there, while
+# print() writes its arguments piecewise and two ranks' lines can interleave.
+atexit.register(
+    lambda: os.write(1, f"group alive at exit: {torch.distributed.is_initialized()}\\n".encode())
+)
 from distill.pipeline.config import load_config
 from distill.pipeline.runner import run_stages
 from distill.pipeline.stages import STAGES
@@ -287,6 +298,8 @@ def test_pipeline_stages_on_two_processes_equal_one(tmp_path, tiny_model_dir):
     again = subprocess.run(launch_script(2, driver, str(config), str(two), names), cwd=ROOT,
                            env=_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("complete, skipped") == 7, again.stderr[-3000:]
+    # each process destroyed its group before Python shut down (a live gloo group can abort the exit)
+    assert again.stdout.count("group alive at exit: False") == 2, again.stdout[-2000:]
 
 
 def test_bench_on_two_processes_equals_one(tmp_path, tiny_model_dir):

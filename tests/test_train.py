@@ -125,7 +125,7 @@ def test_run_dir_contents(kd_pair, tmp_path):
     m = read_metrics(out)
     assert {r["kind"] for r in m} == {"train", "eval"}
     train_rec = [r for r in m if r["kind"] == "train"][0]
-    for key in ("loss", "kd", "ce", "kl", "lr", "tokens_per_s", "valid_tokens"):
+    for key in ("loss", "kd", "ce", "kl", "lr", "tokens_per_s", "cpu_s", "valid_tokens"):
         assert key in train_rec
     assert summary["final_eval_kl"] > 0 and 0 <= summary["final_top1_agreement"] <= 1
 
