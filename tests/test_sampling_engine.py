@@ -165,3 +165,47 @@ def test_estimate_is_an_upper_bound_of_the_real_run(model_tok):
     t0 = time.perf_counter()
     sample_completions(model, tok, prompts, num_samples=3, temperature=1.0, max_new_tokens=24, batch_size=8)
     assert time.perf_counter() - t0 < 20 * est["seconds"] + 5  # same order of magnitude (shared machine)
+
+
+def test_attention_reads_only_columns_of_live_rows(model_tok):
+    """One slot refilled row after row: each decoding step's keys span the live row's prompt and
+    completion only, not the columns the rows before it left behind (the old store kept those until
+    64+ of them had piled up, and every step's attention read them)."""
+    model, tok = model_tok
+    rows = _encoded(tok)
+    widths = []
+    attn = model.model.layers[0].self_attn
+
+    def keys_read(module, args, kwargs, out):  # (query length, key columns attention just read)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        widths.append((kwargs["hidden_states"].shape[1], cache.layers[0].keys.shape[-2]))
+
+    hook = attn.register_forward_hook(keys_read, with_kwargs=True)
+    try:
+        comps = generate_rows(model, tok, rows, list(range(len(rows))), temperature=1.0, top_p=1.0,
+                              max_new_tokens=40, batch_size=1)
+    finally:
+        hook.remove()
+    decode_widths = [w for q, w in widths if q == 1]
+    assert len(decode_widths) == sum(c.num_tokens - 1 for c in comps) and len(comps) > 1
+    assert max(decode_widths) <= max(len(r) + c.num_tokens for r, c in zip(rows, comps))
+
+
+def test_sampler_head_matches_the_models_logits(model_tok):
+    """The sampler applies a plain output head itself (a faster GEMM layout on CPUs): the logits are the
+    model's own up to float rounding, and a hook on the head (or a non-plain model) keeps the model's path."""
+    from distill.models.sampling import _last_logits_fn, _split_head
+
+    model, tok = model_tok
+    assert _split_head(model) is not None
+    ids = torch.as_tensor(_encoded(tok)[:1])
+    att, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+    with torch.inference_mode():
+        _, ours = _last_logits_fn(model, len(tok))(ids, att, pos, None)
+        theirs = model(input_ids=ids).logits[:, -1, :len(tok)]
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: out)
+    try:
+        assert _split_head(model) is None
+    finally:
+        hook.remove()
