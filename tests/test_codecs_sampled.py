@@ -260,6 +260,48 @@ def test_draws_depend_on_the_row_key_not_on_order_or_chunking(name):
     assert not torch.equal(other["counts" if name == "sampled" else "tail_counts"], whole["counts" if name == "sampled" else "tail_counts"])
 
 
+def test_blocked_sampler_is_the_float64_inverse_cdf_it_replaced():
+    """Sampler 2 (two levels of blocks, fp32 block sums) maps each uniform to the id that sampler 1's
+    float64 CDF over the whole row maps it to, but for rounding at a CDF boundary; a partial last block,
+    an empty block, a row whose only mass is its last column and a row without mass are handled."""
+    from distill.cache.codecs.sampling import BLOCK, draw, draw_blocked, uniforms
+
+    V, R, n = 2 * BLOCK + 44, 200, 64
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(R, V, generator=g) * 3
+    x[:, 40:45] += 9.0  # peaked rows, as a trained teacher's
+    x[:50, BLOCK:2 * BLOCK] = float("-inf")  # a whole block without mass
+    x[50:60, 2 * BLOCK:] = float("-inf")  # no mass in the partial block
+    x[60] = float("-inf")
+    x[60, V - 1] = 0.0  # all the mass on the very last column
+    x[61] = float("-inf")  # no mass at all: id 0
+    lp = torch.log_softmax(x, -1).nan_to_num(nan=float("-inf"))
+    u = uniforms(row_seeds(0, 0, np.arange(R)), n)
+    old, new = draw(lp, u), draw_blocked(lp.exp(), u)
+    assert int((old != new).sum()) <= 2, int((old != new).sum())
+    has_mass = torch.arange(R) != 61
+    assert torch.isfinite(lp[has_mass].gather(1, new[has_mass])).all()  # never an id without mass
+    assert (new[60] == V - 1).all() and (new[61] == 0).all()
+
+
+def test_caches_without_a_sampler_parameter_keep_sampler_1():
+    """Caches built before sampler 2 carry no `sampler`: reading (and re-encoding) them uses sampler 1,
+    so their bytes stay what they were; a sampler this version does not know is refused in one line."""
+    from distill.cache.codecs.sampling import draw, uniforms
+
+    x = torch.randn(12, 300, generator=torch.Generator().manual_seed(2)) * 3
+    seeds = row_seeds(0, 0, np.arange(12))
+    old = get_codec("sampled", {"n": 8, "seed": 0, "value_dtype": "fp16"}, vocab_size=300)
+    assert old.params["sampler"] == 1 and _codec("sampled", 300, samples=8).params["sampler"] == 2
+    lp = torch.log_softmax(x, -1)
+    picks = draw(lp, uniforms(seeds, 8))
+    rows = old.reduce(x, seeds)
+    for r in range(12):
+        assert sorted(set(picks[r].tolist())) == rows["ids"][r][rows["counts"][r] > 0].tolist()
+    with pytest.raises(DistillError, match="sampler=3 is unknown"):
+        get_codec("topk+sampled", {"k": 2, "n": 8, "sampler": 3}, vocab_size=300)
+
+
 @pytest.mark.parametrize("name,opts", CODEC_CASES[2:])
 def test_sampled_build_resumes_to_identical_bytes(tmp_path, tiny_model_dir, name, opts):
     a = tmp_path / "a"

@@ -27,7 +27,10 @@ Shard tensors (E = distinct ids over all rows of the shard):
     smp_logprobs [E] value dtype                            log p_j at the cache temperature
     smp_log_z   [R] fp32, only with a flattened proposal
 plus, for topk+sampled, the head tensors of codec topk (topk_ids[_packed], topk_logprobs).
-Draws are seeded per row (sample index, position, `seed`; distill/cache/codecs/sampling.py).
+Draws are seeded per row (sample index, position, `seed`; distill/cache/codecs/sampling.py), and drawn
+by the sampler the parameter `sampler` names (2, two-level inverse CDF, since builds got as fast as
+top-k ones; 1 in caches built before, which lack the parameter). The two give different bytes for
+the same seed, so a partial cache of one is not resumed by a build with the other.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 
 from distill.cache.codecs import ID_TAGS, Codec, CodecError, CodecShard
 from distill.cache.codecs import bits as bitpack
-from distill.cache.codecs.sampling import draw, uniforms, unique_counts
+from distill.cache.codecs.sampling import DEFAULT_SAMPLER, SAMPLERS, draw, draw_blocked, uniforms, unique_counts
 from distill.cache.codecs.topk import TopKHead
 from distill.cache.codecs.values import (
     VALUE_DTYPES,
@@ -61,6 +64,26 @@ T_LOGPROBS = "smp_logprobs"
 T_LOG_Z = "smp_log_z"
 PACKED = "_packed"
 MAX_DRAWS = 255
+
+
+def _check_sampler(params) -> int:
+    """The manifest's `sampler` (sampling.py); absent in caches built before sampler 2, which used 1."""
+    s = params.get("sampler", 1)
+    if s not in SAMPLERS:
+        raise DistillError(f"codec parameter sampler={s!r} is unknown (this distill knows {list(SAMPLERS)}): upgrade distill")
+    return int(s)
+
+
+def _exp_rows(x: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w, m, log sum w): w = exp(beta (x - m)) fp32 with m the row max, in one buffer. The log-partition
+    log sum exp(x) = m + log sum w at beta = 1, so one exp pass serves both the sampler and the log-probs."""
+    m = x.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.sub(x, m)
+    if beta != 1.0:
+        w.mul_(beta)
+    w.exp_()
+    return w, m, torch.log(w.sum(1, keepdim=True))
 
 
 def _check_n(n, flag="--samples") -> int:
@@ -250,7 +273,8 @@ class SampledCodec(Codec):
         if not (math.isfinite(tau) and tau >= 1.0):
             raise DistillError(f"--proposal-temperature must be >= 1 (1 = draw from the teacher, > 1 = flatter), got {tau}")
         self.params = {"n": n, "proposal_temperature": tau, "seed": int(p.get("seed", 0)),
-                       "value_dtype": check_value_dtype(p.get("value_dtype", "fp16")), "pack_ids": bool(p.get("pack_ids", False))}
+                       "value_dtype": check_value_dtype(p.get("value_dtype", "fp16")), "pack_ids": bool(p.get("pack_ids", False)),
+                       "sampler": _check_sampler(p)}
         self.n, self.beta = n, 1.0 / tau
         self.draws = _Draws(n, self.vocab_size, self.id_dtype, self.value_dtype, self.params["pack_ids"], tau != 1.0)
 
@@ -262,7 +286,7 @@ class SampledCodec(Codec):
         if top_k is not None:
             raise DistillError("--codec sampled stores no top-k head; drop --top-k (or use --codec topk+sampled)")
         return {"n": _check_n(samples), "proposal_temperature": float(proposal_temperature), "seed": int(seed),
-                "value_dtype": check_value_dtype(value_dtype), "pack_ids": bool(pack_ids)}
+                "value_dtype": check_value_dtype(value_dtype), "pack_ids": bool(pack_ids), "sampler": DEFAULT_SAMPLER}
 
     @property
     def seed(self) -> int:
@@ -284,10 +308,22 @@ class SampledCodec(Codec):
         return rows
 
     def reduce(self, x: torch.Tensor, seeds: np.ndarray | None) -> dict[str, torch.Tensor]:
+        u = uniforms(seeds, self.n)
+        if self.params["sampler"] == 2:
+            w, m, log_sw = _exp_rows(x, self.beta)
+            if self.beta == 1.0:
+                lse, rows = m + log_sw, {}
+            else:  # w = (p Z_x)^beta: log Z = log sum_i p_i^beta = beta (m - lse) + log sum w
+                lse = torch.logsumexp(x, dim=-1, keepdim=True)
+                rows = {"log_z": (self.beta * (m - lse) + log_sw).squeeze(1)}
+            ids, counts = unique_counts(draw_blocked(w, u), self.n)
+            del w
+            rows.update(ids=ids, logprobs=x.gather(1, ids) - lse, counts=counts)
+            return rows
+        # sampler 1 (caches built before sampler 2): a float64 CDF over the whole row
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         lp = x - lse
-        u = uniforms(seeds, self.n)
-        rows: dict[str, torch.Tensor] = {}
+        rows = {}
         if self.beta != 1.0:
             scaled = self.beta * lp
             rows["log_z"] = torch.logsumexp(scaled, dim=-1)
@@ -349,7 +385,8 @@ class TopKSampledCodec(Codec):
             raise DistillError(f"codec topk+sampled needs k >= 1 (--top-k), got {k!r}")
         n = _check_n(p.get("n"))
         self.params = {"k": int(k), "n": n, "seed": int(p.get("seed", 0)),
-                       "value_dtype": check_value_dtype(p.get("value_dtype", "fp16")), "pack_ids": bool(p.get("pack_ids", False))}
+                       "value_dtype": check_value_dtype(p.get("value_dtype", "fp16")), "pack_ids": bool(p.get("pack_ids", False)),
+                       "sampler": _check_sampler(p)}
         self.n = n
         self.head = TopKHead(int(k), self.vocab_size, self.id_dtype, self.value_dtype, self.params["pack_ids"])
         self.draws = _Draws(n, self.vocab_size, self.id_dtype, self.value_dtype, self.params["pack_ids"], False)
@@ -364,7 +401,7 @@ class TopKSampledCodec(Codec):
         if proposal_temperature != 1.0:
             raise DistillError("--proposal-temperature applies to --codec sampled only")
         return {"k": int(top_k), "n": _check_n(samples), "seed": int(seed), "value_dtype": check_value_dtype(value_dtype),
-                "pack_ids": bool(pack_ids)}
+                "pack_ids": bool(pack_ids), "sampler": DEFAULT_SAMPLER}
 
     @property
     def k(self) -> int:
@@ -388,8 +425,19 @@ class TopKSampledCodec(Codec):
                 "tail_counts": torch.zeros((0, self.n), dtype=torch.int64)}
 
     def reduce(self, x: torch.Tensor, seeds: np.ndarray | None) -> dict[str, torch.Tensor]:
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         v, i = torch.topk(x, self.k, dim=-1, sorted=True)
+        if self.params["sampler"] == 2:
+            w, m, log_sw = _exp_rows(x)
+            lse = m + log_sw
+            w.scatter_(1, i, 0.0)  # the tail: the head's ids excluded
+            empty = ~(w.sum(1) > 0)
+            ids, counts = unique_counts(draw_blocked(w, uniforms(seeds, self.n)), self.n)
+            del w
+            counts = torch.where(empty[:, None], 0, counts)
+            return {"ids": i, "logprobs": v - lse, "tail_ids": ids, "tail_logprobs": x.gather(1, ids) - lse,
+                    "tail_counts": counts}
+        # sampler 1 (caches built before sampler 2): a float64 CDF over the whole row
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         lp = x - lse
         tail = lp.scatter(1, i, float("-inf"))
         ids, counts = unique_counts(draw(tail, uniforms(seeds, self.n)), self.n)
