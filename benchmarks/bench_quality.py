@@ -54,9 +54,12 @@ CODECS = {"topk64": dict(codec="topk", top_k=64, dtype="fp16"),
 QUANT = "none"  # --quant
 BASE = dict(lr=1e-3, warmup_steps=2, lora_r=16, lora_alpha=32)
 # name -> changes to the base (KD on teacher samples); alpha follows the rank (alpha = 2r) as in the base
-GRID = {"lr3e-4": dict(lr=3e-4), "lr3e-3": dict(lr=3e-3), "warmup10pct": dict(warmup_steps=None),
-        "r4": dict(lora_r=4, lora_alpha=8), "r64": dict(lora_r=64, lora_alpha=128), "ce0.1": dict(ce_weight=0.1),
-        "ce0.5": dict(ce_weight=0.5)}
+# (base: the base itself, run at the grid's budget so that every setting is compared at the same schedule;
+# sft: the loss itself varied, cross-entropy alone, as the curves' SFT)
+GRID = {"base": {}, "lr3e-4": dict(lr=3e-4), "lr3e-3": dict(lr=3e-3), "lr1e-2": dict(lr=1e-2), "warmup0": dict(warmup_steps=0),
+        "warmup10pct": dict(warmup_steps=None), "r4": dict(lora_r=4, lora_alpha=8), "r8": dict(lora_r=8, lora_alpha=16),
+        "r32": dict(lora_r=32, lora_alpha=64), "r64": dict(lora_r=64, lora_alpha=128), "ce0.1": dict(ce_weight=0.1),
+        "ce0.5": dict(ce_weight=0.5), "sft": dict(LOSSES["sft"])}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -153,6 +156,32 @@ def eval_model_path(path: Path, heldouts: dict, problems) -> dict:
 
 # ---- part 2/3: training runs -------------------------------------------------------------------------
 
+def run_settings(run: str) -> tuple[dict, int]:
+    """A run's name -> (its settings, its seed offset). `source/method[#seed]`: source teacher or human, method
+    a loss of LOSSES (top-64 cache) or a codec of CODECS (KD loss); `grid/NAME[#seed]`: KD on the teacher's
+    samples with GRID[NAME] changed from the base (warmup_steps None: 10% of the steps)."""
+    base, _, seed = run.partition("#")
+    source, method = base.split("/")
+    if source == "grid":
+        if method not in GRID:
+            raise ValueError(f"unknown grid setting {method!r} (one of {', '.join(GRID)})")
+        settings = {"source": "teacher", "loss": "kd", "codec": "topk64", **GRID[method]}
+        if settings.get("warmup_steps", 0) is None:
+            settings["warmup_ratio"] = 0.1
+    else:
+        if method not in LOSSES and method not in CODECS:
+            raise ValueError(f"unknown method {method!r} (a loss of {', '.join(LOSSES)} or a codec of {', '.join(CODECS)})")
+        settings = {"source": source, "loss": method if method in LOSSES else "kd",
+                    "codec": method if method in CODECS else "topk64"}
+    return settings, int(seed or 0)
+
+
+def train_kwargs(settings: dict) -> dict:
+    """The TrainConfig fields a run's settings set: the base, then its loss's weights, then its own changes."""
+    weights = {k: v for k, v in settings.items() if k not in ("source", "codec", "loss")}
+    return {**BASE, **LOSSES[settings["loss"]], **weights}
+
+
 def build(work: Path, teacher: Path, source: str, codec: str, records) -> Path:
     from teachers.cache_build import build_cache
 
@@ -210,12 +239,11 @@ def curve(work: Path, student: Path, cache: Path, name: str, settings: dict, ste
         return out / "final" if s == steps and not path.is_dir() else path
 
     if not all(str(s) in res["points"] for s in eval_at):
-        weights = {k: v for k, v in settings.items() if k not in ("source", "codec", "loss")}
         cfg = TrainConfig(student=str(student), cache=str(cache), out=str(out), quant=QUANT, lora_dropout=0.0,
                           batch_size=4, steps=steps, eval_every=0, eval_fraction=0.0,
                           save_every=math.gcd(*eval_at), keep_checkpoints=len(eval_at) + 1, seed=seed,
                           gradient_checkpointing=False, progress=False, log_every=1, resume=out.exists(),
-                          **{**BASE, **LOSSES[settings["loss"]], **weights})
+                          **train_kwargs(settings))
         for s in eval_at:  # points whose checkpoint exists (a run killed before evaluating them)
             point(s, ckpt(s))
         if not (out / "final" / "summary.json").is_file():
@@ -242,31 +270,79 @@ def figures(result: dict) -> list[str]:
         return []
     paths = []
     curves = result.get("curves", {})
-    for held in ("heldout-teacher", "heldout-human"):
+    sources = [s for s in ("teacher", "human") if any(n.startswith(s + "/") for n in curves)]
+    for held in ("heldout-teacher", "heldout-human") if sources else ():
         for metric, label in (("heldout_kl", "KL(teacher || student), nats/token"), ("top1_agreement", "top-1 agreement")):
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-            for ax, source in zip(axes, ("teacher", "human")):
+            fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources) + 0.5, 4), sharey=True, squeeze=False)
+            axes = axes[0]
+            for ax, source in zip(axes, sources):
                 init = result.get("init", {}).get(result.get("curve_init", ""), {}).get(held, {}).get(metric)
                 for name, c in sorted(curves.items()):
                     if not name.startswith(source + "/"):
                         continue
                     pts = sorted((int(s), p) for s, p in c["points"].items() if held in p)
-                    xs = [0] + [p.get("trained_tokens", 0) for _, p in pts]
-                    ys = [init] + [p[held][metric] for _, p in pts]
-                    if init is None:
-                        xs, ys = xs[1:], ys[1:]
-                    ax.plot(xs, ys, marker="o", label=name.split("/", 1)[1])
-                ax.set_title(f"trained on {source} {'samples' if source == 'teacher' else 'solutions'}")
+                    # from the first trained point: the init (far above) would flatten the gaps to be read
+                    ax.plot([p.get("trained_tokens", 0) for _, p in pts], [p[held][metric] for _, p in pts],
+                            marker="o", label=name.split("/", 1)[1])
+                init_s = f"; init {init:.3g}" if init is not None else ""
+                ax.set_title(f"trained on {source} {'samples' if source == 'teacher' else 'solutions'}{init_s}", fontsize=10)
                 ax.set_xlabel("training tokens (completion positions)")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
             axes[0].set_ylabel(label)
-            fig.suptitle(f"{label} on {held.replace('-', ' ')} (GSM8K test questions)")
+            fig.suptitle(f"{label}, {held.replace('-', ' ')} (GSM8K test)", fontsize=10)
             fig.tight_layout()
             path = RESULTS / f"{NAME}-{held}-{metric}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(str(path))
+    # the gap: each method's held-out KL minus KD's (same source, seed and step); above 0 = KD ahead
+    gaps = {}
+    for name, c in sorted(curves.items()):
+        base, _, seed = name.partition("#")
+        source, method = base.split("/")
+        kd = curves.get(f"{source}/kd" + (f"#{seed}" if seed else ""))
+        if source == "grid" or method == "kd" or kd is None:
+            continue
+        common = sorted(set(c["points"]) & set(kd["points"]), key=int)
+        gaps[name] = [(kd["points"][s].get("trained_tokens", 0), c["points"][s]["heldout-teacher"]["heldout_kl"]
+                       - kd["points"][s]["heldout-teacher"]["heldout_kl"]) for s in common]
+    if any(gaps.values()):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for name, pts in gaps.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{name} - KD")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("training tokens (completion positions)")
+        ax.set_ylabel("held-out KL minus KD's, nats/token")
+        ax.set_title("gap to KD, held-out teacher samples (> 0: KD ahead)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = RESULTS / f"{NAME}-gap.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    grid = {n.split("/", 1)[1]: c for n, c in curves.items() if n.startswith("grid/") and c["points"]}
+    if grid:  # the grid: held-out KL of each setting at the grid's budget (seeds as separate bars)
+        names = sorted(grid, key=lambda n: (n.partition("#")[0] != "base", n))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+        for ax, held in zip(axes, ("heldout-teacher", "heldout-human")):
+            vals = [max(grid[n]["points"].values(), key=lambda p: p.get("trained_tokens", 0))[held]["heldout_kl"]
+                    for n in names]
+            ax.barh(range(len(names)), vals, color=["tab:gray" if n.startswith("base") else "tab:blue" for n in names])
+            lo = min(vals)
+            ax.set_xlim(lo - 0.1 * (max(vals) - lo + 0.1), max(vals) + 0.1 * (max(vals) - lo + 0.1))
+            ax.set_yticks(range(len(names)), names)
+            ax.set_xlabel("KL(teacher || student), nats/token")
+            ax.set_title(held.replace("-", " "))
+            ax.invert_yaxis()
+            ax.grid(alpha=0.3, axis="x")
+        fig.suptitle("KD on the teacher's samples at a fixed budget: one setting varied from the base")
+        fig.tight_layout()
+        path = RESULTS / f"{NAME}-grid.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
     return paths
 
 
@@ -288,6 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration", type=int, default=16, help="calibration records of importance:N")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--inits", default=None, help="comma-separated names of init_specs (default: all)")
+    ap.add_argument("--init-layers", default=None, help="also a student keeping these layers (a list like 0-2,8,11: "
+                    "e.g. those importance:15 chose in an earlier run), made without calibration and named layers:LIST")
     ap.add_argument("--init", default="best", help="the init of the curves: a name of --inits, or best (lowest KL)")
     ap.add_argument("--runs", default="teacher/kd,teacher/sft,human/kd,human/sft,teacher/kd+ce,human/kd+ce,"
                                       "teacher/sampled12,teacher/kd#1,teacher/sft#1")
@@ -296,6 +374,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gsm8k", default=str(GSM8K), help="a local GSM8K folder (train.jsonl, test.jsonl)")
+    ap.add_argument("--results-name", default=NAME, help="stem of the JSON and PNGs under benchmarks/results: a second "
+                    "configuration (e.g. a longer --steps in another --work) keeps its own instead of overwriting the first's")
     ap.add_argument("--quant", default="none", help="student base weights in training and evaluation (nf4: as the demo, "
                     "several times slower on a CPU)")
     args = ap.parse_args(argv)
@@ -306,7 +386,7 @@ def main(argv=None) -> dict:
     (work / "results").mkdir(parents=True, exist_ok=True)
     (work / "data").mkdir(parents=True, exist_ok=True)
     result: dict = {"args": vars(args), "partial": True}
-    globals().update(QUANT=args.quant, GSM8K=Path(args.gsm8k))
+    globals().update(QUANT=args.quant, GSM8K=Path(args.gsm8k), NAME=args.results_name)
     teacher = _teacher(work)
     eval_at = [int(s) for s in args.eval_at.split(",")]
 
@@ -324,7 +404,11 @@ def main(argv=None) -> dict:
 
     # 1. init
     specs = init_specs()
-    names = args.inits.split(",") if args.inits else list(specs)
+    names = args.inits.split(",") if args.inits is not None else list(specs)
+    names = [n for n in names if n]
+    if args.init_layers:
+        specs[f"layers:{args.init_layers}"] = args.init_layers
+        names.append(f"layers:{args.init_layers}")
     # the teacher itself, loaded as the students are: 0 in fp32 (a check of the scorer), the quantization floor in nf4
     result["init"] = {f"teacher ({QUANT})": _cached(work / "results" / f"eval-teacher-{QUANT}.json",
                                                      lambda: eval_model_path(teacher, heldouts, []))}
@@ -349,19 +433,13 @@ def main(argv=None) -> dict:
     runs = [r for r in args.runs.split(",") if r]
     grid = [g for g in args.grid.split(",") if g]
     for run in runs + [f"grid/{g}" for g in grid]:
-        base, _, seed = run.partition("#")
-        source, method = base.split("/")
-        settings = {"source": source, "loss": method if method in LOSSES else "kd",
-                    "codec": method if method in CODECS else "topk64"}
+        settings, seed = run_settings(run)
         steps, at = args.steps, eval_at
-        if source == "grid":
-            settings.update(source="teacher", **GRID[method])
-            if settings.get("warmup_steps", 0) is None:
-                settings["warmup_ratio"] = 0.1
+        if run.startswith("grid/"):
             steps = args.grid_steps or args.steps
             at = [steps]
         cache = build(work, teacher, settings["source"], settings["codec"], sources[settings["source"]]())
-        curve(work, students[best], cache, run, settings, steps, at, args.seed + int(seed or 0), heldouts, problems,
+        curve(work, students[best], cache, run, settings, steps, at, args.seed + seed, heldouts, problems,
               result["curves"], on_point=lambda: _finish(result))
         _finish(result)
     result["partial"] = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,21 +271,117 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1) -> tuple[list[int], dict]:
+def _layer_output(out, h):
+    """`h` in the format a decoder layer returns (a tensor, or a tuple in older transformers)."""
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@contextmanager
+def _layers_replaced(layers, forwards: dict):
+    """Layer j runs `forwards[j]` (any arguments -> the layer's output) instead of its own forward."""
+    previous = {j: layers[j].__dict__.get("forward") for j in forwards}
+    for j, fn in forwards.items():
+        layers[j].forward = fn
+    try:
+        yield
+    finally:
+        for j, fn in previous.items():
+            if fn is None:
+                del layers[j].forward
+            else:
+                layers[j].forward = fn
+
+
+def _identity_like(out):
+    def forward(*args, **kwargs):
+        return _layer_output(out, args[0] if args else kwargs["hidden_states"])
+
+    return forward
+
+
+def _scored_logprobs(model, ids, att, scored, row_head: bool):
+    """log-softmax of the logits at the scored positions (float64); `row_head`: only those rows go
+    through the output head (`ModelHead`), instead of the model's full [B, T, V] logits."""
+    import torch
+
+    from distill.models.head import model_hidden_and_head
+
+    if row_head:
+        hidden, head = model_hidden_and_head(model, ids, att)
+        logits = head(hidden[scored])
+    else:
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[scored]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def _kl_sum(lp, lq) -> float:
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def _round_scores_replayed(model, layers, batches, reference, dropped, remaining, row_head, progress) -> dict:
+    """KL of removing each remaining layer, given `dropped`, running only the layers after it.
+
+    Removing layer i leaves the layers before it unchanged, so one forward records what each layer
+    outputs (dropped layers pass their input through), and the forward without layer i replays the
+    recorded outputs of layers < i and computes only layers > i: on average half the layers of a
+    full forward per candidate. Deterministic kernels on the same inputs give the same numbers as
+    running every layer (`removal_kl`)."""
+    import torch
+
+    outs: list[dict] = []
+    with torch.no_grad():
+        for ids, att, scored in batches:
+            seen: dict = {}
+            handles = [_skip(layers[j]) for j in dropped]  # first: the recording hooks see their output
+            handles += [layers[j].register_forward_hook(lambda m, a, o, j=j: seen.__setitem__(j, o))
+                        for j in range(len(layers))]
+            try:
+                _scored_logprobs(model, ids, att, scored, row_head)
+            finally:
+                for h in handles:
+                    h.remove()
+            outs.append(seen)
+    scores = {}
+    with torch.no_grad():
+        for i in progress(remaining):
+            total, n = 0.0, 0
+            for (ids, att, scored), lp, seen in zip(batches, reference, outs):
+                forwards = {j: (lambda *a, o=seen[j], **k: o) for j in range(i)}
+                forwards[i] = _identity_like(seen[i])
+                forwards.update({j: _identity_like(seen[j]) for j in dropped if j > i})
+                with _layers_replaced(layers, forwards):
+                    lq = _scored_logprobs(model, ids, att, scored, row_head)
+                total += _kl_sum(lp, lq)
+                n += int(scored.sum())
+            scores[i] = total / max(n, 1)
+    return scores
+
+
+def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1, replay: bool = True) -> tuple[list[int], dict]:
     """The `n_keep` layers to keep: drop those whose removal changes the model's output least.
 
     Each remaining layer is scored by KL(full model || model without that layer, given the layers
     already dropped) on the calibration positions; the lowest-scoring layers are dropped, in `rounds`
     rounds of about equal size (rounds=1 scores every layer once on the full model, the Minitron
     depth-pruning criterion with KL as the metric). Returns (kept indices, {"scores": per-round
-    {layer: KL}, "dropped": [...], "rounds": rounds})."""
+    {layer: KL}, "dropped": [...], "rounds": rounds}).
+
+    `replay` (the default) reuses the outputs of the layers before each candidate and applies the
+    output head to the scored positions only (when `check_head` finds the model's head rebuildable);
+    `replay=False` runs one whole forward per candidate (the reference the fast path is tested against).
+    """
     import torch
+
+    from distill.models.head import CHUNKED_HEAD, check_head
 
     was_training = model.training
     model.eval()
+    row_head = False
+    if replay:
+        ids, att, _ = batches[0]
+        row_head = check_head(model, ids[:1], att[:1]).path == CHUNKED_HEAD
     with torch.no_grad():
-        reference = [torch.log_softmax(model(input_ids=i, attention_mask=a, use_cache=False).logits[s].double(), -1)
-                     for i, a, s in batches]
+        reference = [_scored_logprobs(model, i, a, s, row_head) for i, a, s in batches]
     L = len(layers)
     to_drop = L - n_keep
     rounds = max(1, min(rounds, to_drop)) if to_drop else 1
@@ -293,12 +390,14 @@ def importance_keep(model, layers, batches, n_keep: int, *, rounds: int = 1) -> 
     for r in range(rounds if to_drop else 0):
         count = to_drop * (r + 1) // rounds - to_drop * r // rounds
         remaining = [i for i in range(L) if i not in dropped]
-        scores = {}
-        for i in _progress(remaining, f"layer importance, round {r + 1}/{rounds}"):
-            scores[i] = removal_kl(model, layers, batches, reference, dropped + [i])
+        desc = f"layer importance, round {r + 1}/{rounds}"
+        if replay:
+            scores = _round_scores_replayed(model, layers, batches, reference, dropped, remaining, row_head,
+                                            lambda items: _progress(items, desc))
+        else:
+            scores = {i: removal_kl(model, layers, batches, reference, dropped + [i]) for i in _progress(remaining, desc)}
         history.append({str(i): round(v, 6) for i, v in scores.items()})
         dropped += sorted(remaining, key=lambda i: (scores[i], i))[:count]
     model.train(was_training)
     keep = sorted(i for i in range(L) if i not in dropped)
     return keep, {"scores": history, "dropped": sorted(dropped), "rounds": rounds}
-

@@ -165,3 +165,27 @@ def test_importance_errors(tiny_model_dir, tmp_path):
     with pytest.raises(DistillError, match="importance:x"):
         init_student(tiny_model_dir, tmp_path / "d", keep_layers="importance:x", calibration=calib)
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_importance_replaying_earlier_layers_scores_as_whole_forwards(tmp_path):
+    """The fast path (outputs of the layers before each candidate replayed, head on the scored rows
+    only) gives the scores and choices of one whole forward per candidate, over two rounds."""
+    from helpers import save_tiny_model
+    from students.init_student import calibration_batches, importance_keep
+
+    teacher = save_tiny_model(tmp_path / "teacher", seed=5, num_layers=5, hidden_size=64)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": f"Q: {a} plus {b}?", "completion": f" A: {a + b}, since {a} + {b}."})
+                             + "\n" for a, b in ((3, 4), (12, 30), (7, 7), (100, 1))))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    batches = calibration_batches(tok, calib, 16, 256, batch_size=3)  # two batches, the second shorter
+    layers = model.model.layers
+    fast = importance_keep(model, layers, batches, 2, rounds=2)
+    slow = importance_keep(model, layers, batches, 2, rounds=2, replay=False)
+    assert fast[0] == slow[0] and fast[1]["dropped"] == slow[1]["dropped"]
+    for f, s in zip(fast[1]["scores"], slow[1]["scores"]):
+        assert f.keys() == s.keys()
+        for k in f:
+            assert f[k] == pytest.approx(s[k], rel=1e-5, abs=1e-9)
+    assert not any("forward" in layer.__dict__ for layer in layers)  # the layers are left as they were
