@@ -255,8 +255,8 @@ def test_beam_search_counts_every_token(search_setup):
     from distill.bench.search import SearchSettings, beam_search
 
     model, tok, value, q, prompt, t_tok, t_prompt = search_setup
-    st = SearchSettings(beam_size=2, width=2, max_steps=3, step_max_tokens=5, max_new_tokens=12, temperature=1.0,
-                        top_p=1.0, seed=3, batch_size=3)
+    st = SearchSettings.from_bench(beam_size=2, width=2, max_steps=3, step_max_tokens=5, max_new_tokens=12,
+                                   temperature=1.0, top_p=1.0, seed=3, batch_size=3)
     res = beam_search(model, tok, value, q, prompt, st, set())  # no stop tokens: every step is its full budget
     gens = [e for e in res.log if e[0] == "generate"]
     assert res.generated_tokens == sum(e[3] for e in gens) > 0
@@ -274,8 +274,8 @@ def test_mcts_counts_every_token(search_setup):
     from distill.bench.search import SearchSettings, mcts
 
     model, tok, value, q, prompt, t_tok, t_prompt = search_setup
-    st = SearchSettings(width=2, max_steps=2, step_max_tokens=4, max_new_tokens=10, expansions=4, rollouts=2,
-                        uct_c=1.0, temperature=1.0, top_p=1.0, seed=5)
+    st = SearchSettings.from_bench(width=2, max_steps=2, step_max_tokens=4, max_new_tokens=10, expansions=4,
+                                   rollouts=2, uct_c=1.0, temperature=1.0, top_p=1.0, seed=5)
     res = mcts(model, tok, value, q, prompt, st, set())
     gens = [e for e in res.log if e[0] == "generate"]
     assert res.generated_tokens == sum(e[3] for e in gens) > 0
@@ -288,6 +288,31 @@ def test_mcts_counts_every_token(search_setup):
     assert res.text and res.value is not None
     again = mcts(model, tok, value, q, prompt, st, set())
     assert again.log == res.log
+
+
+def test_search_settings_declare_no_default_of_their_own(tmp_path):
+    """Each search setting's default is the `distill bench` option's (declared once, in BenchConfig): the
+    searches called from Python ran with step_max_tokens 64 while the CLI's default was 48."""
+    import dataclasses
+
+    from distill.bench.runner import SCORING_BATCH, BenchConfig
+    from distill.bench.search import BENCH_OPTIONS, SearchSettings
+    from distill.options import declared
+
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(SearchSettings))
+    assert set(BENCH_OPTIONS) == {f.name for f in dataclasses.fields(SearchSettings)}
+    defaults = {d.name: d.default for d in declared(BenchConfig)}
+    st = SearchSettings.from_bench()
+    for setting, name in BENCH_OPTIONS.items():
+        assert getattr(st, setting) == (SCORING_BATCH if name == "batch_size" else defaults[name]), setting
+    assert st.step_max_tokens == 48
+    cfg = BenchConfig(models=["s=x"], out=tmp_path, step_max_tokens=5, search_width=3, mcts_expansions=2,
+                      batch_size=4)
+    st = SearchSettings.from_bench(cfg, seed=9)
+    assert (st.step_max_tokens, st.width, st.expansions, st.batch_size, st.seed) == (5, 3, 2, 4, 9)
+    with pytest.raises(TypeError, match="search_width"):
+        SearchSettings.from_bench(search_width=3)  # settings go by their own names
 
 
 def test_bench_search_rules_end_to_end(tiny_model_dir, tiny_student_dir, tmp_path):

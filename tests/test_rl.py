@@ -62,6 +62,31 @@ def test_grpo_from_a_training_run_logs_rewards_changes_adapters_and_exports(kd_r
     exported = export_run(out, tmp_path / "export", dtype="fp32")  # export takes it like any run
     assert "config.json" in exported["files"]
 
+    # `distill bench` takes the GRPO run's final/ as it takes a training run's (adapters on the NF4 base
+    # they trained on) and the export as a model directory, beside the run GRPO started from
+    from distill.bench.loading import load_for_bench
+
+    loaded = load_for_bench("grpo", str(out / "final"))
+    assert loaded.source == "adapter" and loaded.base_path == run["student"]["path"]
+    weights = {k: v for k, v in loaded.model.state_dict().items() if "lora_" in k}
+    assert len(weights) == len(end)
+    for key, value in end.items():  # the bench holds GRPO's adapters, not the start's
+        match = [w for k, w in weights.items() if k.replace(".default", "").endswith(key.removeprefix("base_model.model."))]
+        assert len(match) == 1 and torch.equal(match[0].float(), value.float()), key
+    del loaded
+    bench = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--model", f"start={kd_run / 'final'}", "--model", f"grpo={out / 'final'}",
+                  "--model", f"export={tmp_path / 'export'}", "--task", "synthetic", "--limit", "2", "--samples", "2",
+                  "--max-new-tokens", "8", "--batch-size", "4", "--out", str(bench), "--no-progress"])
+    assert not exc.value.code
+    results = json.loads((bench / "results.json").read_text())
+    models = {m["name"]: m for m in results["models"]}
+    assert list(models) == ["start", "grpo", "export"]
+    assert models["grpo"]["source"] == "adapter" and models["export"]["source"] == "hf-dir"
+    for m in models.values():
+        assert m["accuracy"]["greedy"]["n"] == 2 and m["cost"]["generated_tokens"] > 0
+
 
 def test_reward_functions_are_our_verifiers():
     accuracy, fmt = rewards()

@@ -399,11 +399,7 @@ def _search(plan: BenchPlan, name: str, model, tok) -> tuple[dict, float]:
     from distill.models.sampling import format_prompt, newline_ids
 
     cfg = plan.cfg
-    settings = SearchSettings(beam_size=cfg.beam_size, width=cfg.search_width, max_steps=cfg.search_steps,
-                              step_max_tokens=cfg.step_max_tokens, max_new_tokens=cfg.max_new_tokens,
-                              expansions=cfg.mcts_expansions, rollouts=cfg.mcts_rollouts, uct_c=cfg.uct_c,
-                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                              batch_size=cfg.batch_size or SCORING_BATCH)
+    settings = SearchSettings.from_bench(cfg)
     stops = newline_ids(tok)
     t0 = time.perf_counter()
     out = {}

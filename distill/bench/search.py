@@ -29,23 +29,50 @@ from dataclasses import dataclass, field
 
 from distill.models.sampling import Completion
 
-SEARCH_RULES = ("beam", "mcts")
+# Each search setting is a `distill bench` option, declared (with its default, help and bounds) once as a
+# `BenchConfig` field; this maps a setting to that field. `SearchSettings` has no defaults of its own, so
+# the searches run with the same defaults whether called from the CLI, a run config or Python.
+BENCH_OPTIONS = {"beam_size": "beam_size", "width": "search_width", "max_steps": "search_steps",
+                 "step_max_tokens": "step_max_tokens", "max_new_tokens": "max_new_tokens",
+                 "expansions": "mcts_expansions", "rollouts": "mcts_rollouts", "uct_c": "uct_c",
+                 "temperature": "temperature", "top_p": "top_p", "seed": "seed", "batch_size": "batch_size"}
 
 
 @dataclass
 class SearchSettings:
-    beam_size: int = 2
-    width: int = 2
-    max_steps: int = 8
-    step_max_tokens: int = 64
-    max_new_tokens: int = 256
-    expansions: int = 8
-    rollouts: int = 1
-    uct_c: float = 1.0
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
-    batch_size: int = 8
+    """What a search needs from the bench settings. Build it with `SearchSettings.from_bench`."""
+
+    beam_size: int
+    width: int
+    max_steps: int
+    step_max_tokens: int
+    max_new_tokens: int
+    expansions: int
+    rollouts: int
+    uct_c: float
+    temperature: float
+    top_p: float
+    seed: int
+    batch_size: int
+
+    @classmethod
+    def from_bench(cls, cfg=None, **overrides) -> "SearchSettings":
+        """The settings of a `BenchConfig` (`cfg`; None: its declared defaults), `overrides` (by setting
+        name) on top. `batch_size` None (the option's default) means the bench's scoring batch."""
+        from distill.bench.runner import SCORING_BATCH, BenchConfig
+        from distill.options import declared
+
+        unknown = sorted(set(overrides) - set(BENCH_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown search settings {unknown}; known: {sorted(BENCH_OPTIONS)}")
+        if cfg is None:
+            source = {d.name: d.default for d in declared(BenchConfig)}
+        else:
+            source = {name: getattr(cfg, name) for name in BENCH_OPTIONS.values()}
+        values = {setting: source[name] for setting, name in BENCH_OPTIONS.items()}
+        if values["batch_size"] is None:
+            values["batch_size"] = SCORING_BATCH
+        return cls(**{**values, **overrides})
 
 
 @dataclass
