@@ -42,7 +42,7 @@ RESULTS = HERE / "results"
 # Order: cheapest first, so a --quick run reports something useful early.
 BENCHMARKS = ["bench_loss_memory", "bench_cache_build", "bench_kd_step", "bench_retemper_tail", "bench_plan", "bench_gguf",
               "bench_checkpointing", "bench_generate", "bench_cache_scaleout", "bench_train_scaleout", "bench_codecs",
-              "bench_peers"]
+              "bench_peers", "bench_importance"]
 
 QUICK_FALLBACK: dict[str, list[str]] = {
     "bench_loss_memory": ["--rows", "2048", "--vocab", "32768", "--hidden", "128", "--k", "8", "--chunk", "256"],

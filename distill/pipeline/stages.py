@@ -231,12 +231,11 @@ def stage_bench(ctx: RunContext) -> dict:
 
 
 # Seconds each stage of the embedded demo (distill/pipeline/demo.toml) is expected to take on a quiet
-# 2-core AVX2 x86 CPU (AMD EPYC), for `expected_seconds` to scale by a config's work. Measured there on
-# 2026-11-30 with the previous demo config (student calibration 8 x 256 tokens, 40 training steps,
-# bench 8 problems; 13 min in all); student, train and bench are those figures scaled to this config's
-# 3 x 192 tokens, 24 steps and 6 problems. The runner rescales them by the pace of the stages that ran.
-REFERENCE_SECONDS = {"teacher": 22.4, "generate": 84.2, "filter": 0.1, "cache": 53.5, "heldout": 10.2,
-                     "student": 71.0, "train": 149.0, "export": 2.0, "gguf": 4.7, "bench": 75.0}
+# 2-core AVX2 x86 CPU (AMD EPYC), for `expected_seconds` to scale by a config's work: `distill demo`
+# measured there on 2026-11-30 with this config (lean checkpointing, lr 3e-3; 7 min 57 s in all).
+# The runner rescales them by the pace of the stages that ran.
+REFERENCE_SECONDS = {"teacher": 25.6, "generate": 83.1, "filter": 0.1, "cache": 56.0, "heldout": 11.5,
+                     "student": 47.5, "train": 145.9, "export": 2.1, "gguf": 3.6, "bench": 97.8}
 
 
 def _work(config: RunConfig) -> dict[str, float]:
