@@ -232,10 +232,11 @@ def stage_bench(ctx: RunContext) -> dict:
 
 # Seconds each stage of the embedded demo (distill/pipeline/demo.toml) is expected to take on a quiet
 # 2-core AVX2 x86 CPU (AMD EPYC), for `expected_seconds` to scale by a config's work: `distill demo`
-# measured there on 2026-11-30 with this config (lean checkpointing, lr 3e-3; 7 min 57 s in all).
-# The runner rescales them by the pace of the stages that ran.
-REFERENCE_SECONDS = {"teacher": 25.6, "generate": 83.1, "filter": 0.1, "cache": 56.0, "heldout": 11.5,
-                     "student": 47.5, "train": 145.9, "export": 2.1, "gguf": 3.6, "bench": 97.8}
+# measured there on 2026-12-01 with this config (5 min 17 s in all; the previous, larger config took
+# 6 min 15 s on that host and 7 min 57 s on a slower one). The runner rescales them by the pace of the
+# stages that ran, so a slower host gets a longer estimate after its first stage.
+REFERENCE_SECONDS = {"teacher": 21.8, "generate": 45.2, "filter": 0.1, "cache": 36.5, "heldout": 9.6,
+                     "student": 35.6, "train": 88.4, "export": 1.8, "gguf": 3.7, "bench": 72.3}
 
 
 def _work(config: RunConfig) -> dict[str, float]:
