@@ -54,6 +54,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def is_partial_write(path: str | Path) -> bool:
+    """A temporary file that `atomic_write_bytes` leaves when its process is killed mid-write
+    (`.NAME.XXXX.tmp`): never part of what a directory holds, so a check that a directory is empty
+    or a resume ignores it, and the writer that owns the directory sweeps it."""
+    path = Path(path)
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def holds_only_partial_writes(directory: str | Path) -> bool:
+    """True for a directory that is empty but for killed atomic writes' temporary files."""
+    return all(is_partial_write(p) for p in Path(directory).iterdir())
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

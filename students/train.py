@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from distill.errors import DistillError
-from distill.io import atomic_write_json, atomic_write_text
+from distill.io import atomic_write_json, atomic_write_text, holds_only_partial_writes, is_partial_write
 from distill.models.quant import QUANT_CHOICES
 from distill.options import option, plain_dict, validate
 
@@ -229,9 +229,12 @@ def _prepare_run_dir(out: Path, run_record: dict, resume: bool) -> bool:
             what = ", ".join(diff[:4]) or "cache/student fingerprint"
             raise DistillError(f"{out} holds a run with a different config ({what}); resume it with the same settings or choose a new --out")
         return True
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not holds_only_partial_writes(out):
         raise DistillError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # a run killed while writing its first run.json
+        if is_partial_write(stale):
+            stale.unlink(missing_ok=True)
     atomic_write_json(run_file, run_record, indent=1, sort_keys=True)
     return False
 

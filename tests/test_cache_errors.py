@@ -107,6 +107,27 @@ def test_foreign_output_dir_refused_and_kept(tmp_path, tiny_model_dir, data, cap
     assert (out / "notes.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+def test_build_killed_while_writing_its_first_manifest_resumes(tmp_path, tiny_model_dir, data, capsys):
+    """SIGKILL inside the first atomic manifest write leaves only its temporary file: the directory is
+    ours, not foreign, so a rerun builds (and sweeps the leftover) instead of refusing it; a foreign
+    file beside such a leftover is still refused."""
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / ".manifest.json.k1ll3d.tmp").write_text('{"half": ')  # what atomic_write_bytes leaves when killed
+    code, _, err = _run(capsys, _build_args(tiny_model_dir, data, out))
+    assert code == 0, err
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    verify_cache(out)  # raises on any fault
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".manifest.json.k1ll3d.tmp").write_text("")
+    (other / "notes.txt").write_text("precious")
+    code, _, err = _run(capsys, _build_args(tiny_model_dir, data, other))
+    _assert_one_line_error(code, err, "not empty")
+    assert (other / "notes.txt").read_text() == "precious"
+
+
 def test_mismatched_resume_refused(tmp_path, tiny_model_dir, tiny_student_dir, data, built, capsys):
     before = {p.name: p.read_bytes() for p in built.iterdir()}
     other = tmp_path / "other.jsonl"

@@ -108,6 +108,17 @@ def test_resume_after_sigkill_replays_the_same_losses(kd_pair, tmp_path):
         assert torch.equal(value, _adapter(run_dir)[name])
 
 
+def test_run_killed_while_writing_its_first_run_json_starts_over(kd_pair, tmp_path):
+    """A run killed inside its first atomic run.json write leaves only the temporary file: the rerun
+    trains there (the pipeline's rerun after a kill) instead of calling the directory foreign."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.json.k1ll3d.tmp").write_text('{"half": ')
+    summary = train(_cfg(kd_pair, out, steps=1, eval_every=0, save_every=0))
+    assert summary["steps"] == 1 and (out / "run.json").is_file()
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
 def test_run_dir_contents(kd_pair, tmp_path):
     out = tmp_path / "run"
     summary = train(_cfg(kd_pair, out, steps=2, save_every=1, keep_checkpoints=1, eval_every=1))

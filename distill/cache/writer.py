@@ -41,7 +41,7 @@ from distill.cache.format import (
     write_manifest,
 )
 from distill.errors import DistillError
-from distill.io import atomic_write_bytes
+from distill.io import atomic_write_bytes, holds_only_partial_writes, is_partial_write
 from distill.ranks import Ranks
 
 # Manifest fields that decide the content of a cache: resuming requires all of them to be equal.
@@ -81,7 +81,7 @@ def check_output_dir(out: str | Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DistillError(f"--out {out} is a file; give a directory for the cache")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not holds_only_partial_writes(out):  # a build killed while writing its first manifest
         if not (out / MANIFEST_NAME).is_file():
             raise DistillError(
                 f"--out {out} is not empty and holds no cache manifest; choose an empty or new directory"
@@ -157,8 +157,9 @@ class CacheWriter:
         write_manifest(self.out, self.manifest)
         for p in progress:  # listed in the manifest now
             p.unlink(missing_ok=True)
-        for stale in self.out.glob("*.tmp"):  # leftovers of a killed write; never part of the cache
-            stale.unlink(missing_ok=True)
+        for stale in self.out.iterdir():  # leftovers of a killed write; never part of the cache
+            if is_partial_write(stale):
+                stale.unlink(missing_ok=True)
         return shards, complete
 
     def done_indices(self) -> set[int]:
