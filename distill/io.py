@@ -67,6 +67,13 @@ def holds_only_partial_writes(directory: str | Path) -> bool:
     return all(is_partial_write(p) for p in Path(directory).iterdir())
 
 
+def sweep_partial_writes(directory: str | Path) -> None:
+    """Delete the temporary files of killed atomic writes in `directory` (its owner calls this on open)."""
+    for path in Path(directory).iterdir():
+        if is_partial_write(path):
+            path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -65,15 +65,13 @@ def resolve_auto_batch(cfg, out: Path, lengths, *, top_k: int, device) -> dict:
     from students.model import checkpoint_policy
 
     every, lean = checkpoint_policy(cfg.checkpoint_layers)
-    best = largest_batch(shape, budget, context=context, max_sequences=max(1, len(lengths)), quant=cfg.quant,
-                         lora_r=cfg.lora_r, optimizer=optimizer, gradient_checkpointing=cfg.gradient_checkpointing,
-                         compute="bf16" if cuda else "fp32", loss_chunk=cfg.loss_chunk_size, top_k=top_k,
-                         lora_dropout=cfg.lora_dropout, checkpoint_every=every, lean=lean)
+    setup = dict(context=context, quant=cfg.quant, lora_r=cfg.lora_r, optimizer=optimizer,
+                 gradient_checkpointing=cfg.gradient_checkpointing, compute="bf16" if cuda else "fp32",
+                 loss_chunk=cfg.loss_chunk_size, top_k=top_k, lora_dropout=cfg.lora_dropout, checkpoint_every=every,
+                 lean=lean)
+    best = largest_batch(shape, budget, max_sequences=max(1, len(lengths)), **setup)
     if best is None:
-        one = largest_batch(shape, 2**62, context=context, max_sequences=1, quant=cfg.quant, lora_r=cfg.lora_r,
-                            optimizer=optimizer, gradient_checkpointing=cfg.gradient_checkpointing,
-                            compute="bf16" if cuda else "fp32", loss_chunk=cfg.loss_chunk_size, top_k=top_k,
-                            lora_dropout=cfg.lora_dropout, checkpoint_every=every, lean=lean)
+        one = largest_batch(shape, 2**62, max_sequences=1, **setup)
         raise DistillError(f"--batch-tokens auto: one sequence of {context} tokens needs {format_bytes(one.total)} but only "
                            f"{format_bytes(budget)} is available ({source}); shorten the cache's samples or turn on gradient checkpointing")
     sequences = best.settings["sequences"]

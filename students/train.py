@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from distill.errors import DistillError
-from distill.io import atomic_write_json, atomic_write_text, holds_only_partial_writes, is_partial_write
+from distill.io import atomic_write_json, atomic_write_text, holds_only_partial_writes, sweep_partial_writes
 from distill.models.quant import QUANT_CHOICES
 from distill.options import option, plain_dict, validate
 
@@ -232,9 +232,7 @@ def _prepare_run_dir(out: Path, run_record: dict, resume: bool) -> bool:
     if out.is_dir() and not holds_only_partial_writes(out):
         raise DistillError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():  # a run killed while writing its first run.json
-        if is_partial_write(stale):
-            stale.unlink(missing_ok=True)
+    sweep_partial_writes(out)  # a run killed while writing its first run.json
     atomic_write_json(run_file, run_record, indent=1, sort_keys=True)
     return False
 
@@ -779,7 +777,7 @@ def _optimizer_step(run: Run):
     return grad_norm
 
 
-def _train_record(run: Run, sums, n_valid: int, batches: list[dict], grad_norm, t0: float, c0: float | None = None) -> dict:
+def _train_record(run: Run, sums, n_valid: int, batches: list[dict], grad_norm, t0: float, c0: float) -> dict:
     """The step's metrics line: losses and statistics of the whole step, summed over all processes.
     `cpu_s`: this process's CPU seconds for the step (all its threads): on a shared machine the wall
     clock mostly measures the other tenants, the CPU time what the step cost."""
@@ -791,9 +789,8 @@ def _train_record(run: Run, sums, n_valid: int, batches: list[dict], grad_norm, 
     denom = max(n_valid, 1)
     dt = time.perf_counter() - t0
     rec = {"kind": "train", "step": pos.step, "epoch": pos.epoch, "lr": run.scheduler.get_last_lr()[0],
-           "valid_tokens": n_valid, "tokens": int(tokens), "tokens_per_s": tokens / dt if dt > 0 else None}
-    if c0 is not None:
-        rec["cpu_s"] = round(time.process_time() - c0, 4)
+           "valid_tokens": n_valid, "tokens": int(tokens), "tokens_per_s": tokens / dt if dt > 0 else None,
+           "cpu_s": round(time.process_time() - c0, 4)}
     kd, ce = kd / denom, ce / denom
     rec.update(kd=kd, ce=ce, loss=cfg.kd_weight * kd + cfg.ce_weight * ce, kl=kl / denom, top1_agreement=top1 / denom)
     if grad_norm is not None:

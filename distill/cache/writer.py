@@ -41,7 +41,7 @@ from distill.cache.format import (
     write_manifest,
 )
 from distill.errors import DistillError
-from distill.io import atomic_write_bytes, holds_only_partial_writes, is_partial_write
+from distill.io import atomic_write_bytes, holds_only_partial_writes, sweep_partial_writes
 from distill.ranks import Ranks
 
 # Manifest fields that decide the content of a cache: resuming requires all of them to be equal.
@@ -157,9 +157,7 @@ class CacheWriter:
         write_manifest(self.out, self.manifest)
         for p in progress:  # listed in the manifest now
             p.unlink(missing_ok=True)
-        for stale in self.out.iterdir():  # leftovers of a killed write; never part of the cache
-            if is_partial_write(stale):
-                stale.unlink(missing_ok=True)
+        sweep_partial_writes(self.out)  # leftovers of a killed write; never part of the cache
         return shards, complete
 
     def done_indices(self) -> set[int]:

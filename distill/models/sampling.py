@@ -503,8 +503,6 @@ def _last_logits_fn(model, vocab: int):
     """A function (input_ids, attention_mask, position_ids, cache) -> (model output, fp32 logits of
     the last position [rows, vocab]), the output head applied to that position only; padded
     embedding columns past `vocab` are never computed or are cut off."""
-    import inspect
-
     split = _split_head(model)
     if split is None:
         cache_arg, keep = _forward_kwargs(model)
@@ -516,8 +514,7 @@ def _last_logits_fn(model, vocab: int):
 
         return run
     decoder, weight = split
-    params = inspect.signature(decoder.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
+    cache_arg, _ = _forward_kwargs(decoder)  # the decoder returns hidden states: no logits to keep
     head = weight[:vocab]
 
     def run(input_ids, attention_mask, position_ids, cache):
