@@ -209,3 +209,17 @@ def test_sampler_head_matches_the_models_logits(model_tok):
         assert _split_head(model) is None
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("block", [7, 1024, 10**6])
+def test_head_blocks_give_the_dense_product(block, monkeypatch):
+    """The head is applied a block of vocabulary rows at a time: any block size, a last partial block
+    included, gives `hidden @ W.T` of the whole vocabulary."""
+    import distill.models.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_HEAD_BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    head, hidden = torch.randn(2053, 24, generator=g), torch.randn(5, 24, generator=g)
+    ours = sampling._head_logits(head, hidden)
+    assert ours.shape == (5, 2053) and ours.is_contiguous()
+    assert torch.allclose(ours, hidden @ head.t(), atol=1e-5, rtol=1e-5)

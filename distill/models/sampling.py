@@ -190,8 +190,11 @@ def _draw(scores, top_p, u):
         j = torch.searchsorted(cum, (u[rows] * cum[:, -1])[:, None]).squeeze(-1)
         token[rows] = j.clamp(max=width - 1)
     rows = (~whole).nonzero().flatten()
-    if len(rows):
+    if len(rows) == n:  # every row (the usual case): no copy of the [n, V] scores
+        sub, sub_lse, p, uu = scores, lse, top_p, u
+    elif len(rows):
         sub, sub_lse, p, uu = scores[rows], lse[rows], top_p[rows], u[rows]
+    if len(rows):
         vals, order = sub.topk(min(width, _TOP_CANDIDATES), dim=-1)
         probs = torch.exp(vals - sub_lse)
         wide = probs.sum(-1) < p  # the nucleus reaches past the candidates: sort those rows fully
@@ -520,10 +523,28 @@ def _last_logits_fn(model, vocab: int):
     def run(input_ids, attention_mask, position_ids, cache):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=True, **{cache_arg: cache})
-        hidden = out.last_hidden_state[:, -1]
-        return out, (head @ hidden.t()).t().contiguous()
+        return out, _head_logits(head, out.last_hidden_state[:, -1])
 
     return run
+
+
+# Vocabulary rows of the output head per product in `_head_logits`: each [rows, batch] block is still in
+# cache when it is transposed into place.
+_HEAD_BLOCK = 1024
+
+
+def _head_logits(head, hidden):
+    """`hidden @ head.T` ([rows, V]) computed as `head @ hidden.T` (MKL's faster layout at a decoding
+    batch) one block of vocabulary rows at a time, each block transposed into place while it is in
+    cache: one whole-vocabulary transpose afterwards costs ~13 ms a step at batch 64 (a 12.6 MB copy
+    with a cache-hostile stride)."""
+    import torch
+
+    out = torch.empty((hidden.shape[0], head.shape[0]), dtype=hidden.dtype, device=hidden.device)
+    hidden_t = hidden.t()
+    for i in range(0, head.shape[0], _HEAD_BLOCK):
+        out[:, i:i + _HEAD_BLOCK] = (head[i:i + _HEAD_BLOCK] @ hidden_t).t()
+    return out
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device):
@@ -591,8 +612,8 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], tem
 
     def record(rs: list[int], tokens, logits) -> list[bool]:
         """Book the chosen tokens of rows `rs`; True where the row goes on."""
-        lse = torch.logsumexp(logits, dim=-1)
-        chosen = (logits.gather(-1, tokens[:, None])[:, 0] - lse).tolist()
+        # log_softmax is one fused pass on a CPU (logsumexp takes ~1.6x as long at [64, 49152])
+        chosen = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
         ended = torch.isin(tokens, eos_t).tolist()
         going = []
         for r, tok, lp, end in zip(rs, tokens.tolist(), chosen, ended):
