@@ -190,11 +190,9 @@ def _draw(scores, top_p, u):
         j = torch.searchsorted(cum, (u[rows] * cum[:, -1])[:, None]).squeeze(-1)
         token[rows] = j.clamp(max=width - 1)
     rows = (~whole).nonzero().flatten()
-    if len(rows) == n:  # every row (the usual case): no copy of the [n, V] scores
-        sub, sub_lse, p, uu = scores, lse, top_p, u
-    elif len(rows):
-        sub, sub_lse, p, uu = scores[rows], lse[rows], top_p[rows], u[rows]
     if len(rows):
+        every = len(rows) == n  # the usual case: no copy of the [n, V] scores
+        sub, sub_lse, p, uu = (scores, lse, top_p, u) if every else (scores[rows], lse[rows], top_p[rows], u[rows])
         vals, order = sub.topk(min(width, _TOP_CANDIDATES), dim=-1)
         probs = torch.exp(vals - sub_lse)
         wide = probs.sum(-1) < p  # the nucleus reaches past the candidates: sort those rows fully
