@@ -11,6 +11,9 @@ on are shared: ratios are the robust figures):
                     runs: per problem one greedy row and `--bench-samples` sampled rows.
   hf_generate       `model.generate(do_sample=True)` on the teacher_generate rows, `--batch` rows per
                     call (left padded; a batch runs until its longest row ends, as generate does).
+  hf_generate_compiled  (`--compiled`) the same with transformers' compiled decoding: a static KV
+                    cache and torch.compile (inductor) of the decoding forward, compiled before the
+                    clock starts; whole-call figures only (dynamo cannot trace the prefill timer).
   prefill_bound     one forward (`logits_to_keep=1`) over `--batch` rows of prompt + max_new_tokens
                     tokens: tokens/s when every token of a completion is computed in parallel, the
                     ceiling a decoding loop on the same hardware can approach.
@@ -85,6 +88,17 @@ def _full_batch_rate(marks: list[tuple[float, int]], batch: int) -> float:
     return batch / step if step > 0 else 0.0
 
 
+def _compiled_generate_options() -> dict:
+    """`generate` keywords for transformers' own compiled decoding: a static KV cache, and the decoding
+    forward compiled by torch.compile (inductor). transformers compiles only on accelerators unless
+    told otherwise; `_compile_all_devices` is its switch for the CPU too."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=None, help="a model directory (default: SmolLM2-135M from the packaged GGUF)")
@@ -96,6 +110,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", action="append", default=[], help="a variant not to run (repeatable)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also run hf_generate_compiled: generate with a static cache and torch.compile "
+                         "(compiles for minutes before its clock starts)")
     ap.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json")
     args = ap.parse_args(argv)
     batches = [int(b) for b in str(args.batch).split(",")]
@@ -136,21 +153,38 @@ def main(argv=None) -> dict:
                            max_new_tokens=M, seed=rep, batch_size=batch, greedy=True, stats=stats)
         return {"tokens": stats.new_tokens, "seconds": stats.seconds, "rows": stats.completions}
 
-    def hf_generate(rep: int, batch: int) -> dict:
+    def hf_generate(rep: int, batch: int, compiled: bool = False) -> dict:
         rows = [p for p in prompts for _ in range(args.samples)]
         eos = tok.eos_token_id
-        tokens, t0 = 0, time.perf_counter()
-        torch.manual_seed(rep)
         tok.padding_side = "left"
+        options = dict(do_sample=True, temperature=T, top_p=top_p, top_k=0, max_new_tokens=M,
+                       pad_token_id=tok.pad_token_id)
+        batches = [tok(rows[a:a + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                   for a in range(0, len(rows), batch)]
+        batches = [{k: v.to(model.device) for k, v in enc.items()} for enc in batches]
+        if compiled:
+            options.update(_compiled_generate_options())
         with torch.inference_mode():
-            for a in range(0, len(rows), batch):
-                enc = tok(rows[a:a + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                out = model.generate(**enc, do_sample=True, temperature=T, top_p=top_p, top_k=0, max_new_tokens=M,
-                                     pad_token_id=tok.pad_token_id)
+            if compiled:  # compile every batch shape before the clock starts (a static cache: one graph per shape)
+                for enc in {tuple(enc["input_ids"].shape): enc for enc in batches}.values():
+                    model.generate(**enc, **options)
+            tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
+            torch.manual_seed(rep)
+            for enc in batches:
+                out = model.generate(**enc, **options)
                 for row in out[:, enc["input_ids"].shape[1]:].tolist():
                     tokens += row.index(eos) + 1 if eos in row else len(row)
-        return {"tokens": tokens, "seconds": time.perf_counter() - t0, "rows": len(rows)}
+        return {"tokens": tokens, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                "rows": len(rows)}
+
+    def hf_generate_compiled(rep: int, batch: int) -> dict:
+        # without the prefill-timing wrapper, which dynamo cannot trace: whole-call figures only
+        wrapper = decoder.__dict__.pop("forward", None)
+        try:
+            return {**hf_generate(rep, batch, compiled=True), "prefill_untimed": True}
+        finally:
+            if wrapper is not None:
+                decoder.forward = wrapper
 
     def prefill_bound(rep: int, batch: int) -> dict:
         width = max(prompt_lens) + M
@@ -196,6 +230,8 @@ def main(argv=None) -> dict:
 
     kinds = {"teacher_generate": teacher_generate, "bench": bench, "hf_generate": hf_generate,
              "prefill_bound": prefill_bound, "decode_floor": decode_floor}
+    if args.compiled:
+        kinds["hf_generate_compiled"] = hf_generate_compiled
     bounds = ("prefill_bound", "decode_floor")  # rates with no decoding loop around them
     suffix = (lambda b: f"@{b}") if len(batches) > 1 else (lambda b: "")
     variants = {f"{k}{suffix(b)}": functools.partial(v, batch=b) for b in batches for k, v in kinds.items()
@@ -235,7 +271,7 @@ def main(argv=None) -> dict:
             decode_marks.append((time.process_time(), 0))
             r.setdefault("cpu_seconds", time.process_time() - c0)
             r["tokens_per_s"] = r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
-            if not name.startswith(bounds):
+            if not name.startswith(bounds) and not r.pop("prefill_untimed", False):
                 dec_cpu, dec_wall = r["cpu_seconds"] - prefill_clock["cpu"], r["seconds"] - prefill_clock["wall"]
                 r["prefill_cpu_seconds"] = round(prefill_clock["cpu"], 3)
                 r["decode_tokens_per_cpu_s"] = (r["tokens"] - r["rows"]) / dec_cpu if dec_cpu > 0 else 0.0
@@ -255,7 +291,7 @@ def main(argv=None) -> dict:
     key = "tokens_per_cpu_s" if one_thread else "tokens_per_s"
     rate = {k: statistics.median(r[key] for r in v) for k, v in runs.items()}
     dkey = "decode_tokens_per_cpu_s" if one_thread else "decode_tokens_per_s"
-    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if not k.startswith(bounds)}
+    decode = {k: statistics.median(r[dkey] for r in v) for k, v in runs.items() if v and "prefill_cpu_seconds" in v[0]}
     full = {k: statistics.median(r["full_batch_tokens_per_cpu_s"] for r in v) for k, v in runs.items()
             if v and "full_batch_tokens_per_cpu_s" in v[0]}
     result = {
@@ -284,6 +320,10 @@ def main(argv=None) -> dict:
             if ours in rate and bound in rate and rate[bound]:
                 ratios[f"{ours}/{bound}"] = round(rate[ours] / rate[bound], 3)
                 ratios[f"{ours} decode/{bound}"] = round(decode[ours] / rate[bound], 3)
+        compiled = f"hf_generate_compiled{sfx}"
+        for ref in (hf, bound):
+            if compiled in rate and rate.get(ref):
+                ratios[f"{compiled}/{ref}"] = round(rate[compiled] / rate[ref], 3)
         if hf in rate and bound in rate and rate[bound]:
             ratios[f"{hf}/{bound}"] = round(rate[hf] / rate[bound], 3)
             ratios[f"{hf} decode/{bound}"] = round(decode[hf] / rate[bound], 3)
